@@ -478,11 +478,18 @@ class AdaptiveTimestepSampler:
         if len(self.queue_y) >= 3:
             self.S = f_scores(self.queue_x, self.queue_y).topk(self.k).indices.sort().values
 
+    def advantage(self, reward):
+        """r - b: b = 0 in the paper; the batch mean with `baseline`; centred and scaled with `standardize`."""
+        if not (self.baseline or self.standardize):
+            return reward
+        adv = reward - reward.mean()
+        if self.standardize:
+            adv = adv / (adv.std() + 1e-8) if len(adv) > 1 else torch.zeros_like(adv)
+        return adv
+
     def _learn(self, x0, t, reward):
         """One REINFORCE step on the policy (ATS Eq. 13) with a separate entropy bonus."""
-        adv = reward - reward.mean() if (self.baseline or self.standardize) else reward
-        if self.standardize:
-            adv = adv / (adv.std() + 1e-8) if len(adv) > 1 else adv * 0
+        adv = self.advantage(reward)
         with torch.autocast(x0.device.type, enabled=False):
             logp = self.log_probs(x0)                                        # (B, T), with grad
         logp_t = logp.gather(1, t[:, None]).squeeze(1)                       # log pi(t_i | x0_i)
@@ -625,10 +632,10 @@ class Trainer:
         return loss.detach()
 
     def run(self, batches, steps, on_step=None):
-        """Train until `steps` total steps; calls on_step(trainer, loss) after each."""
-        for x0 in batches:
-            if self.step_count >= steps:
-                break
+        """Train until `steps` total steps, drawing no more batches than it uses; calls on_step(trainer, loss)."""
+        batches = iter(batches)
+        while self.step_count < steps:
+            x0 = next(batches)
             loss = self.step(x0.to(self.device, non_blocking=True))
             if on_step is not None:
                 on_step(self, loss)

@@ -1,0 +1,523 @@
+"""Tests for ats.py: diffusion math, U-Net, samplers, training, checkpoints. CPU only, a few minutes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ats
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_unet(in_ch=1, dropout=0.0, image_size=8):
+    return ats.UNet(in_ch=in_ch, ch=16, ch_mult=(1, 2), num_res=1, attn_res=(4,), dropout=dropout,
+                    image_size=image_size)
+
+
+def blobs(n, size=8, seed=0):
+    """A learnable toy dataset: one bright square per image on a dark background, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, 1, size, size)
+    corner = torch.randint(0, size - 3, (n, 2), generator=g)
+    for i, (r, c) in enumerate(corner.tolist()):
+        x[i, :, r:r + 3, c:c + 3] = 1.0
+    return x
+
+
+def ats_sampler(T, model, diffusion, **kw):
+    return ats.AdaptiveTimestepSampler(T, lambda x0, t, n: diffusion.vlb_terms(model, x0, t, n), in_channels=1,
+                                       model=model, **kw)
+
+
+def set_ab(sampler, a, b):
+    """Make the policy output (a, b) for every image: zero last-layer weights, bias = softplus^-1."""
+    last = sampler.policy.mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([a, b], dtype=torch.float64).sub(1e-5).expm1().log().float())
+
+
+def chi2_sf(stat, df):
+    """Survival function of the chi-square distribution."""
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                   torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+class Oracle(nn.Module):
+    """An eps-model that returns the true noise."""
+
+    def __init__(self, noise):
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, xt, t):
+        return self.noise
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules, q_sample and VLB math
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quad", "cosine"])
+def test_schedule_abar_monotone_in_unit_interval(schedule):
+    """abar_t lies in (0, 1) and strictly decreases for every schedule."""
+    abar = ats.GaussianDiffusion(T=1000, schedule=schedule).abar
+    assert (abar > 0).all() and (abar < 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+
+
+def test_unknown_schedule_and_variance_are_refused():
+    """A bad schedule or variance name raises one ValueError naming the choices."""
+    with pytest.raises(ValueError, match="linear"):
+        ats.GaussianDiffusion(schedule="sigmoid")
+    with pytest.raises(ValueError, match="large"):
+        ats.GaussianDiffusion(var_type="learned")
+
+
+def test_q_sample_moments_match_theory():
+    """q(x_t | x0) has mean sqrt(abar_t) x0 and variance 1 - abar_t."""
+    d = ats.GaussianDiffusion(T=1000, schedule="linear")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000, 1, 1, 1), 0.7)
+    for t in (0, 300, 999):
+        tt = torch.full((len(x0),), t)
+        xt = d.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
+        assert xt.mean().item() == pytest.approx(0.7 * d.abar[t].sqrt().item(), abs=0.01)
+        assert xt.var().item() == pytest.approx(1 - d.abar[t].item(), abs=0.01)
+
+
+def test_oracle_model_has_zero_kl_with_small_variance():
+    """With 'small' variance a model that predicts the true noise has L_t = 0 for every t >= 1."""
+    d = ats.GaussianDiffusion(T=1000, schedule="linear", var_type="small")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    for t in (1, 2, 50, 500, 999):
+        kl = d.vlb_terms(Oracle(noise), x0, torch.full((8,), t), noise)
+        assert kl.abs().max().item() < 1e-5
+
+
+def test_vlb_terms_match_closed_form_on_one_pixel():
+    """L_t and L_0 equal an independent float64 computation from the DDPM formulas."""
+    T = 10
+    d = ats.GaussianDiffusion(T=T, schedule="linear", var_type="large")
+    betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    abar = [math.prod(1 - b for b in betas[: i + 1]) for i in range(T)]
+    x0, eps, eps_model = 0.3, -0.8, 0.5
+
+    class Const(nn.Module):
+        def forward(self, xt, t):
+            return torch.full_like(xt, eps_model)
+
+    for t in (0, 1, 5, 9):
+        ab, ab_prev, beta = abar[t], (abar[t - 1] if t else 1.0), betas[t]
+        xt = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps
+        c1, c2 = beta * math.sqrt(ab_prev) / (1 - ab), math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
+        x0_hat = (xt - math.sqrt(1 - ab) * eps_model) / math.sqrt(ab)
+        mu_q, mu_p = c1 * x0 + c2 * xt, c1 * x0_hat + c2 * xt
+        var_q = beta * (1 - ab_prev) / (1 - ab)
+        var_p = betas[t] if t else betas[1] * (1 - abar[0]) / (1 - abar[1])  # 'large', var_post[1] at t = 0
+        if t == 0:
+            sd = math.sqrt(2 * var_p)
+            mass = 0.5 * (math.erf((x0 - mu_p + 1 / 255) / sd) - math.erf((x0 - mu_p - 1 / 255) / sd))
+            expected = -math.log(mass) / math.log(2)
+        else:
+            expected = 0.5 * (math.log(var_p / var_q) + var_q / var_p + (mu_q - mu_p) ** 2 / var_p - 1) / math.log(2)
+        got = d.vlb_terms(Const(), torch.full((1, 1, 1, 1), x0), torch.tensor([t]), torch.full((1, 1, 1, 1), eps))
+        assert got.item() == pytest.approx(expected, rel=1e-3, abs=1e-6), t
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_prior_term_is_negligible(schedule):
+    """KL(q(x_T | x0) || N(0, I)) is below 1e-4 bits/dim at T = 1000 for data in [-1, 1]."""
+    d = ats.GaussianDiffusion(T=1000, schedule=schedule)
+    x0 = torch.tensor([-1.0, -0.3, 0.0, 1.0]).view(4, 1, 1, 1)
+    assert d.prior_bpd(x0).max().item() < 1e-4
+
+
+def test_nll_bpd_is_sum_of_terms_and_chunk_independent():
+    """nll_bpd equals prior + sum_t L_t, whatever the chunk size."""
+    d = ats.GaussianDiffusion(T=20, schedule="linear")
+    model = tiny_unet().eval()
+    x0 = blobs(3)
+    a = d.nll_bpd(model, x0, batch_size=7, generator=torch.Generator().manual_seed(0))
+    b = d.nll_bpd(model, x0, batch_size=60, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    noise = torch.randn((3 * 20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    terms = d.vlb_terms(model, x0.repeat_interleave(20, 0), torch.arange(20).repeat(3), noise).view(3, 20)
+    torch.testing.assert_close(a, terms.sum(1) + d.prior_bpd(x0))
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c, size", [(1, 8), (3, 16), (3, 32)])
+def test_unet_shapes(c, size):
+    """The U-Net maps (B, C, H, W) to (B, C, H, W) for several channel counts and sizes."""
+    model = ats.UNet(in_ch=c, ch=32, ch_mult=(1, 2, 2), num_res=1, attn_res=(size // 2,), image_size=size)
+    x = torch.randn(2, c, size, size)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_cifar10_unet_has_ddpm_size():
+    """The CIFAR-10 configuration has the DDPM parameter count, 35.7M within 1%."""
+    n = sum(p.numel() for p in ats.UNet().parameters())
+    assert abs(n - 35.7e6) / 35.7e6 < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# the adaptive sampler: probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probabilities_normalised_for_extreme_ab():
+    """For (a, b) over [1e-3, 1e3], extremes included, pi is finite, >= 0, sums to 1; log-pi and H are finite."""
+    s = ats.AdaptiveTimestepSampler(1000, vlb_fn=None)
+    g = torch.Generator().manual_seed(0)
+    ab = 10 ** (torch.rand(2, 2000, generator=g) * 6 - 3)
+    corners = torch.tensor([[1e-3, 1e-3, 1e3, 1e3], [1e-3, 1e3, 1e-3, 1e3]])
+    a, b = torch.cat([ab, corners], dim=1)
+    logp = s.log_probs_from_ab(a, b)
+    p = logp.exp()
+    entropy = -(p * logp).sum(1)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert (p >= 0).all()
+    assert (p.double().sum(1) - 1).abs().max().item() < 1e-6
+
+
+def test_policy_starts_exactly_uniform():
+    """At initialisation a = b = 1 and every timestep has probability exactly 1/T."""
+    s = ats.AdaptiveTimestepSampler(1000, vlb_fn=None, in_channels=3)
+    p = s.probs(torch.randn(4, 3, 32, 32))
+    assert (p == p[0, 0]).all()
+    assert p[0, 0].item() == pytest.approx(1 / 1000, rel=1e-6)
+
+
+def test_policy_works_for_any_size_and_channels():
+    """The policy network accepts 1- and 3-channel images from 4x4 to 64x64."""
+    for c, size in [(1, 4), (1, 8), (3, 32), (3, 64)]:
+        s = ats.AdaptiveTimestepSampler(50, vlb_fn=None, in_channels=c)
+        assert s.probs(torch.randn(2, c, size, size)).shape == (2, 50)
+
+
+def test_sampling_matches_stated_probabilities():
+    """100k draws at fixed (a, b) pass a chi-square test against pi, at p > 1e-3."""
+    T, n = 20, 100_000
+    s = ats.AdaptiveTimestepSampler(T, vlb_fn=None, in_channels=1)
+    set_ab(s, 2.0, 5.0)
+    x0 = torch.zeros(n, 1, 2, 2)
+    t = s.sample(x0, generator=torch.Generator().manual_seed(0))
+    p = s.probs(x0[:1])[0].double()
+    counts = torch.bincount(t, minlength=T).double()
+    stat = ((counts - n * p) ** 2 / (n * p)).sum().item()
+    assert chi2_sf(stat, T - 1) > 1e-3
+
+
+def test_log_prob_of_sample_and_seeded_draws():
+    """log pi(t | x0) at a sampled t equals log p[t]; the same seed gives the same draws."""
+    s = ats.AdaptiveTimestepSampler(100, vlb_fn=None, in_channels=1)
+    set_ab(s, 0.5, 3.0)
+    x0 = torch.randn(64, 1, 8, 8)
+    t1 = s.sample(x0, generator=torch.Generator().manual_seed(7))
+    t2 = s.sample(x0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(t1, t2)
+    logp = s.log_probs(x0).gather(1, t1[:, None]).squeeze(1)
+    torch.testing.assert_close(logp.exp(), s.probs(x0).gather(1, t1[:, None]).squeeze(1))
+
+
+def test_uniform_sampler_api():
+    """UniformSampler draws in [0, T), is seeded, and its update hook is a no-op."""
+    s = ats.UniformSampler(10)
+    x0 = torch.zeros(1000, 1, 2, 2)
+    t = s.sample(x0, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() < 10 and len(t.unique()) == 10
+    assert torch.equal(t, s.sample(x0, generator=torch.Generator().manual_seed(0)))
+    ran = []
+    with s.around_update(x0, t):
+        ran.append(1)
+    assert ran == [1] and s.state_dict() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the adaptive sampler: learning, probe, feature selection, options
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reinforce_moves_mass_toward_rewarded_timesteps():
+    """REINFORCE with a reward that favours small t moves mass into the first quarter of [0, T)."""
+    torch.manual_seed(0)
+    T = 100
+    s = ats.AdaptiveTimestepSampler(T, vlb_fn=None, in_channels=1, lr=1e-2)
+    x0 = torch.randn(32, 1, 8, 8)
+    first_quarter = lambda: s.probs(x0)[:, : T // 4].sum(1).mean().item()
+    start = first_quarter()
+    for _ in range(200):
+        t = s.sample(x0)
+        s._learn(x0, t, reward=(t < T // 4).float())
+    assert start == pytest.approx(0.25, abs=0.01)
+    assert first_quarter() > 0.5
+
+
+def test_probe_is_clean_without_an_update():
+    """With dropout on and no model change between the probes, every delta and reward is exactly 0."""
+    torch.manual_seed(0)
+    d = ats.GaussianDiffusion(T=30)
+    model = tiny_unet(dropout=0.5).train()
+    s = ats_sampler(30, model, d)
+    rewards = []
+    learn = s._learn
+    s._learn = lambda x0, t, r: (rewards.append(r), learn(x0, t, r))
+    x0 = blobs(8)
+    with s.around_update(x0, s.sample(x0)):
+        pass
+    assert model.training  # restored after the probe
+    assert torch.equal(s.queue_x[-1], torch.zeros(30, dtype=torch.float64))
+    assert torch.equal(rewards[0], torch.zeros(8))
+
+
+def test_probe_sees_a_real_update():
+    """With an optimizer step between the probes, the sweep deltas and rewards are non-zero."""
+    torch.manual_seed(0)
+    d = ats.GaussianDiffusion(T=30)
+    model = tiny_unet(dropout=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    s = ats_sampler(30, model, d)
+    rewards = []
+    learn = s._learn
+    s._learn = lambda x0, t, r: (rewards.append(r), learn(x0, t, r))
+    x0 = blobs(8)
+    t = s.sample(x0)
+    d.loss(model, x0, t).mean().backward()
+    with s.around_update(x0, t):
+        opt.step()
+    assert (s.queue_x[-1] != 0).sum() > 25
+    assert (rewards[0] != 0).all()
+
+
+def test_update_runs_every_f_s_global_steps():
+    """The probe and policy step run exactly at global steps 0, f_S, 2 f_S, ...; S is updated from 3 rows on."""
+    d = ats.GaussianDiffusion(T=20)
+    model = tiny_unet()
+    s = ats_sampler(20, model, d, update_every=4, k=2)
+    x0 = blobs(4)
+    for _ in range(13):
+        with s.around_update(x0, s.sample(x0)):
+            pass
+    assert s.step == 13 and len(s.queue_y) == 4 and s.history_steps == [0, 4, 8, 12]
+
+
+def test_f_scores_recover_planted_timesteps():
+    """With y driven by 3 known timesteps plus noise, F-score selection picks exactly those 3."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 200, generator=g, dtype=torch.float64)
+    X[:, 50] = 0.0  # a constant column must score 0
+    y = 3 * X[:, 7] - 2 * X[:, 120] + 2.5 * X[:, 199] + 0.1 * torch.randn(100, generator=g, dtype=torch.float64)
+    scores = ats.f_scores(X, y)
+    assert scores[50] == 0
+    assert sorted(scores.topk(3).indices.tolist()) == [7, 120, 199]
+
+
+def test_queue_is_fifo_and_selects_planted_timesteps():
+    """The queue keeps the last Q sweeps, and S becomes the planted timesteps."""
+    s = ats.AdaptiveTimestepSampler(50, vlb_fn=None, queue_size=5, k=2)
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        delta = 0.01 * torch.randn(50, generator=g, dtype=torch.float64)
+        delta[[11, 42]] += 10 * torch.randn(1, generator=g, dtype=torch.float64)
+        s._push_queue(delta)
+        assert s.S.tolist() == ([0, 1] if i < 2 else [11, 42])  # S = {0..k-1} until 3 rows
+    assert len(s.queue_y) == 5 and torch.equal(s.queue_x[-1], delta)
+
+
+def test_mixture_probabilities_still_normalised():
+    """With a uniform-mixture floor eps, pi sums to 1 and every p >= eps / T."""
+    s = ats.AdaptiveTimestepSampler(100, vlb_fn=None, mix=0.2)
+    a = torch.tensor([1e-3, 1.0, 1e3, 50.0])
+    b = torch.tensor([1e3, 1.0, 1e-3, 0.5])
+    p = s.log_probs_from_ab(a, b).exp()
+    assert (p.double().sum(1) - 1).abs().max() < 1e-6
+    assert p.min() >= 0.2 / 100 * (1 - 1e-5)
+
+
+def test_standardised_advantages_have_mean_zero():
+    """Standardised advantages have mean 0 and std 1; the baseline option only centres."""
+    r = torch.tensor([0.3, -1.0, 2.0, 0.01, 5.0])
+    adv = ats.AdaptiveTimestepSampler(10, vlb_fn=None, standardize=True).advantage(r)
+    assert abs(adv.mean().item()) < 1e-6 and adv.std().item() == pytest.approx(1, rel=1e-5)
+    centred = ats.AdaptiveTimestepSampler(10, vlb_fn=None, baseline=True).advantage(r)
+    torch.testing.assert_close(centred, r - r.mean())
+    assert torch.equal(ats.AdaptiveTimestepSampler(10, vlb_fn=None).advantage(r), r)
+
+
+def test_ab_bounds_hold():
+    """With ab_range = (1, 20), a and b stay in [1, 20] even when the network asks for extremes."""
+    s = ats.AdaptiveTimestepSampler(100, vlb_fn=None, in_channels=1, ab_range=(1.0, 20.0))
+    x0 = torch.randn(4, 1, 8, 8)
+    for a, b in [(1e-3, 1e3), (1e3, 1e-3), (0.5, 0.5)]:
+        set_ab(s, a, b)
+        pa, pb = s.ab(x0)
+        assert pa.min() >= 1 and pb.min() >= 1 and pa.max() <= 20 and pb.max() <= 20
+
+
+# ---------------------------------------------------------------------------------------------
+# training, checkpoints, sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def make_trainer(sampler="ats", seed=0, T=50):
+    torch.manual_seed(seed)
+    model = tiny_unet()
+    d = ats.GaussianDiffusion(T=T)
+    s = ats_sampler(T, model, d, update_every=3, seed=seed) if sampler == "ats" else ats.UniformSampler(T)
+    return ats.Trainer(model, d, s, lr=2e-3, warmup=5, ema_decay=0.9)
+
+
+def batches(data, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield data[torch.randint(0, len(data), (batch,), generator=g)]
+
+
+def test_training_lowers_the_loss():
+    """About 100 steps on a small generated dataset lower the average loss."""
+    trainer = make_trainer("ats")
+    losses = []
+    trainer.run(batches(blobs(256), 32, 0), 120, on_step=lambda tr, loss: losses.append(loss.item()))
+    assert trainer.step_count == 120
+    assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
+
+
+def test_bf16_autocast_step_runs_on_cpu():
+    """A training step under bf16 autocast runs on CPU and gives a finite loss."""
+    torch.manual_seed(0)
+    model = tiny_unet()
+    d = ats.GaussianDiffusion(T=50)
+    trainer = ats.Trainer(model, d, ats_sampler(50, model, d, update_every=1), amp="bf16")
+    assert trainer.amp_dtype == torch.bfloat16
+    assert torch.isfinite(trainer.step(blobs(8)))
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    """save_checkpoint then load restores model, EMA, optimizer, scheduler, sampler, step and config."""
+    trainer = make_trainer("ats")
+    trainer.run(batches(blobs(64), 8, 0), 7)
+    path = tmp_path / "ckpt.pt"
+    ats.save_checkpoint(path, trainer, {"lr": 2e-3})
+    ckpt = ats.load_checkpoint(path)
+    assert ckpt["config"] == {"lr": 2e-3} and ckpt["step"] == 7 and not (tmp_path / "ckpt.pt.tmp").exists()
+    fresh = make_trainer("ats", seed=1)
+    fresh.load_state_dict(ckpt)
+    pairs = [(trainer.model, fresh.model), (trainer.ema, fresh.ema), (trainer.sampler.policy, fresh.sampler.policy)]
+    for a, b in pairs:
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb)
+    assert torch.equal(fresh.sampler.queue_x, trainer.sampler.queue_x)
+    assert torch.equal(fresh.sampler.S, trainer.sampler.S) and fresh.sampler.step == trainer.sampler.step
+    assert fresh.sched.get_last_lr() == trainer.sched.get_last_lr() and fresh.step_count == 7
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    """Stopping at step 10, saving and resuming gives bit-identical weights at step 20 on CPU."""
+    data = blobs(64)
+    straight = make_trainer("ats")
+    torch.manual_seed(123)
+    straight.run(batches(data, 8, 0), 20)
+
+    first = make_trainer("ats")
+    torch.manual_seed(123)
+    stream = batches(data, 8, 0)
+    first.run(stream, 10)
+    ats.save_checkpoint(tmp_path / "ckpt.pt", first, {})
+    ckpt = ats.load_checkpoint(tmp_path / "ckpt.pt")
+    second = make_trainer("ats", seed=5)
+    second.load_state_dict(ckpt)
+    ats.set_rng_state(ckpt["rng"])
+    second.run(stream, 20)
+    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.sampler.policy.parameters(), second.sampler.policy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_checkpoint_files_give_one_clear_error(tmp_path):
+    """Missing, truncated and foreign files each raise CheckpointError naming the problem."""
+    with pytest.raises(ats.CheckpointError, match="no checkpoint"):
+        ats.load_checkpoint(tmp_path / "missing.pt")
+    trainer = make_trainer("uniform")
+    ats.save_checkpoint(tmp_path / "good.pt", trainer, {})
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ats.CheckpointError, match="truncated or corrupt"):
+        ats.load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ats.CheckpointError, match="not an ats checkpoint"):
+        ats.load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ats.CheckpointError, match="truncated or corrupt"):
+        ats.load_checkpoint(tmp_path / "text.pt")
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_samplers_shape_range_and_determinism(method):
+    """DDPM and DDIM return the right shape, values in [-1, 1], and the same images under the same seed."""
+    torch.manual_seed(0)
+    d = ats.GaussianDiffusion(T=40)
+    model = tiny_unet().eval()
+    with torch.no_grad():  # a non-trivial output layer, so samples are not just noise
+        model.out[-1].weight.normal_(0, 0.3)
+    draw = (lambda g: d.ddpm_sample(model, (3, 1, 8, 8), generator=g)) if method == "ddpm" else \
+        (lambda g: d.ddim_sample(model, (3, 1, 8, 8), steps=10, eta=0.5, generator=g))
+    x = draw(torch.Generator().manual_seed(1))
+    assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, draw(torch.Generator().manual_seed(1)))
+    assert not torch.equal(x, draw(torch.Generator().manual_seed(2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (gloo on CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sweep_setup(T):
+    torch.manual_seed(0)
+    model = tiny_unet().eval()
+    d = ats.GaussianDiffusion(T=T)
+    s = ats_sampler(T, model, d)
+    g = torch.Generator().manual_seed(1)
+    return s, blobs(1), torch.randn((T, 1, 8, 8), generator=g)
+
+
+def _sweep_worker(rank, world, port, T, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        s, x_star, noise = sweep_setup(T)
+        sweep = s.sweep(x_star, noise)
+        if rank == 0:
+            torch.save(sweep, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("T, world", [(7, 2), (10, 3)])
+def test_split_sweep_equals_single_process_sweep(tmp_path, T, world):
+    """The T-sweep split over ranks (T not divisible by the world size) and all-gathered equals one process's."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "sweep.pt"
+    mp.spawn(_sweep_worker, args=(world, free_port(), T, str(out)), nprocs=world)
+    s, x_star, noise = sweep_setup(T)
+    torch.testing.assert_close(torch.load(out), s.sweep(x_star, noise), rtol=1e-5, atol=1e-7)  # batch-size rounding
