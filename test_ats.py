@@ -1,16 +1,36 @@
-"""Tests for ats.py: diffusion math, U-Net, samplers, training, checkpoints. CPU only, a few minutes."""
+"""Tests for ats.py, train.py, sample.py and bench.py. CPU only, a few minutes on 2 cores."""
 
+import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
+import torchvision
+from PIL import Image
 
 import ats
+import sample
+import train
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's spin-waits cost 10x or more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_unet(in_ch=1, dropout=0.0, image_size=8):
@@ -521,3 +541,211 @@ def test_split_sweep_equals_single_process_sweep(tmp_path, T, world):
     mp.spawn(_sweep_worker, args=(world, free_port(), T, str(out)), nprocs=world)
     s, x_star, noise = sweep_setup(T)
     torch.testing.assert_close(torch.load(out), s.sweep(x_star, noise), rtol=1e-5, atol=1e-7)  # batch-size rounding
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py and sample.py
+# ---------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "synthetic", "--synthetic-n", "32", "--image-size", "8", "--ch", "16", "--ch-mult", "1,2",
+        "--num-res", "1", "--attn-res=", "--T", "50", "--batch-size", "8", "--warmup", "1", "--ats-every", "2",
+        "--ats-queue", "3", "--probe-batch", "64", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "4",
+        "--sample-n", "4", "--sample-steps", "3", "--workers", "0", "--device", "cpu", "--ema-decay", "0.9"]
+
+
+def run(out_dir, *extra):
+    train.main([*TINY, "--out-dir", str(out_dir), *extra])
+    return ats.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    sa, sb = a["sampler"], b["sampler"]
+    for name in sa["policy"]:
+        assert torch.equal(sa["policy"][name], sb["policy"][name]), f"policy.{name} differs"
+    assert torch.equal(sa["S"], sb["S"]) and torch.equal(sa["queue_x"], sb["queue_x"])
+    assert sa["step"] == sb["step"] and a["step"] == b["step"]
+
+
+def test_train_writes_outputs_and_sample_generates(tmp_path):
+    """A short tiny run writes ckpt, grid, log, heatmap, config; sample.py makes a grid and extends a folder."""
+    out = tmp_path / "run"
+    ckpt = run(out, "--steps", "4")
+    assert ckpt["step"] == 4 and ckpt["config"]["ch"] == 16
+    for name in ("ckpt.pt", "grid_0000004.png", "log.jsonl", "sampler.png", "config.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"loss", "lr", "img_per_s", "sampler"} <= set(records[-1]) and "quarters" in records[-1]["sampler"]
+    assert json.loads((out / "config.json").read_text())["steps"] == 4
+    assert Image.open(out / "sampler.png").size == (50, 256)  # (T, --heatmap-height)
+    grid, folder = tmp_path / "grid.png", tmp_path / "imgs"
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--batch-size", "2", "--steps", "3",
+                 "--grid", str(grid), "--out-dir", str(folder)])
+    assert grid.is_file() and sorted(os.listdir(folder)) == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(folder / "000000.png").size == (8, 8)
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--n", "5", "--ddpm", "--no-ema", "--out-dir", str(folder)])
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Stopping at step 3 and resuming to 6 gives bit-identical weights, EMA and sampler state to one run to 6."""
+    whole = run(tmp_path / "whole", "--steps", "6")
+    run(tmp_path / "split", "--steps", "3")
+    resumed = run(tmp_path / "split", "--steps", "6", "--resume")
+    assert_same_state(whole, resumed)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_fresh_run_refuses_to_overwrite(tmp_path):
+    """Starting a fresh run into an out-dir that holds ckpt.pt stops and names --resume."""
+    run(tmp_path, "--steps", "2")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(tmp_path, "--steps", "2")
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss stops the run with a clear message and leaves the last good ckpt.pt untouched."""
+    run(tmp_path, "--steps", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    step = ats.Trainer.step
+    monkeypatch.setattr(ats.Trainer, "step", lambda self, x0, generator=None: step(self, x0, generator) * torch.nan)
+    with pytest.raises(SystemExit, match="loss became nan"):
+        run(tmp_path, "--steps", "4", "--resume")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_ctrl_c_saves_then_exits(tmp_path, monkeypatch):
+    """Ctrl-C during step 3 lets that step finish, saves ckpt.pt at step 3, and exits naming --resume."""
+    step = ats.Trainer.step
+
+    def step_then_ctrl_c(self, x0, generator=None):
+        if self.step_count == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, x0, generator)
+    monkeypatch.setattr(ats.Trainer, "step", step_then_ctrl_c)
+    with pytest.raises(SystemExit, match="interrupted at step 3.*--resume"):
+        run(tmp_path, "--steps", "10")
+    assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cifar10_without_data_or_network_gives_clear_error(tmp_path, monkeypatch):
+    """With no local CIFAR-10 and a failing download, train.py exits with one message naming the fixes."""
+    def no_network(self):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--device", "cpu",
+                    "--ch", "16", "--ch-mult", "1,2", "--num-res", "1"])
+    assert "CIFAR-10" in e.value.code and "--dataset synthetic" in e.value.code
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "foreign"])
+def test_sample_bad_checkpoint_gives_clear_error(tmp_path, kind):
+    """sample.py on a missing, corrupt or foreign checkpoint exits with one 'error:' line naming the file."""
+    path = tmp_path / "ckpt.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(path), "--grid", str(tmp_path / "g.png")])
+    assert e.value.code.startswith("error:") and str(path) in e.value.code
+
+
+def test_sample_cli_error_has_no_traceback(tmp_path):
+    """Run as a script, a bad --ckpt gives a nonzero exit and a message, not a traceback."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", str(tmp_path / "no.pt"),
+                             "--grid", "g.png"], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_refuses_impossible_settings(tmp_path):
+    """sample.py refuses DDIM steps beyond the model's T and a call with nowhere to write."""
+    run(tmp_path, "--steps", "2")
+    ckpt = str(tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="--steps must be in"):
+        sample.main(["--ckpt", ckpt, "--steps", "51", "--grid", str(tmp_path / "g.png")])
+    with pytest.raises(SystemExit, match="--grid FILE and/or --out-dir"):
+        sample.main(["--ckpt", ckpt])
+
+
+@pytest.mark.parametrize("script", [train, sample])
+def test_help_works(script, capsys):
+    """--help prints the usage and exits 0 for both scripts."""
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_preset_then_explicit_flag():
+    """Defaults < preset < explicit flag, for numbers and for --flag/--no-flag booleans."""
+    assert train.parse_config([]) == train.Config()
+    cfg = train.parse_config(["--preset", "tiny", "--steps", "7", "--no-hflip"])
+    assert cfg.steps == 7 and not cfg.hflip and cfg.ch == train.PRESETS["tiny"]["ch"]
+    assert train.parse_config(["--steps", "7", "--preset", "tiny"]).steps == 7
+
+
+def test_bad_settings_give_one_line_errors():
+    """Indivisible batches, sizes the U-Net can't halve and bad lists stop with a message."""
+    with pytest.raises(SystemExit, match="does not divide"):
+        train.check(train.Config(batch_size=10), world=3)
+    with pytest.raises(SystemExit, match="divisible by 2"):
+        train.check(train.Config(image_size=12), world=1)
+    with pytest.raises(SystemExit, match="comma-separated"):
+        train.ints("1,x")
+
+
+def test_synthetic_data_is_deterministic_and_structured():
+    """The same seed gives the same images, another seed other images, and images are not flat noise."""
+    a, b = train.synthetic_shapes(8, 16, 3, seed=0), train.synthetic_shapes(8, 16, 3, seed=1)
+    assert a.dtype == torch.uint8 and a.shape == (8, 3, 16, 16)
+    assert torch.equal(a, train.synthetic_shapes(8, 16, 3, seed=0)) and not torch.equal(a, b)
+    x = a.float()
+    assert (x[..., 1:] - x[..., :-1]).abs().mean() < 0.5 * (x - x.mean()).abs().mean()  # neighbours agree
+
+
+def test_folder_dataset_resizes_and_crops(tmp_path):
+    """--dataset folder reads any images under the folder, resized and centre-cropped to --image-size."""
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (40, 20), "red").save(tmp_path / "a.png")
+    Image.new("L", (9, 30)).save(tmp_path / "sub" / "b.jpg")
+    data = train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path), image_size=8))
+    assert len(data) == 2 and all(data[i][0].shape == (3, 8, 8) for i in range(2))
+    with pytest.raises(SystemExit, match="no images"):
+        train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path / "empty"), image_size=8))
+
+
+def _ddp_rank(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    built, build = [], train.build
+    train.build = lambda cfg, device: built.append(build(cfg, device)) or built[-1]
+    train.main([*TINY, "--out-dir", out_dir, "--steps", "8"])  # sampler updates at steps 0, 2, 4, 6
+    trainer = built[0]
+    torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
+                "policy": trainer.sampler.policy.state_dict(), "queue_x": trainer.sampler.queue_x,
+                "S": trainer.sampler.S, "history": trainer.sampler.history}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_process_gloo_run_stays_in_sync_and_resumes(tmp_path):
+    """Under a 2-process gloo group, weights, policy, queue and S are identical on both ranks; ckpt.pt resumes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("model", "ema", "policy"):
+        for name in r0[key]:
+            assert torch.equal(r0[key][name], r1[key][name]), f"{key}.{name} differs between ranks"
+    assert len(r0["queue_x"]) == 3 and torch.equal(r0["queue_x"], r1["queue_x"]) and torch.equal(r0["S"], r1["S"])
+    assert not torch.equal(r0["history"][0], r0["history"][-1])  # the policy did move
+    assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8
+    assert run(tmp_path, "--steps", "10", "--resume")["step"] == 10
