@@ -322,13 +322,6 @@ class UniformSampler:
         pass
 
 
-def _world():
-    """(rank, world size); (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class AdaptiveTimestepSampler:
     """The ATS policy pi_phi(t | x0), trained online with REINFORCE (ATS Sec. 4, Eq. 11-14).
 
@@ -363,8 +356,8 @@ class AdaptiveTimestepSampler:
         self.update_every, self.queue_size, self.entropy_coef = update_every, queue_size, entropy_coef
         self.grad_clip, self.baseline, self.standardize, self.mix = grad_clip, baseline, standardize, mix
         self.ab_range, self.probe_batch, self.history_size = ab_range, probe_batch, history_size
-        self.policy = PolicyNet(in_channels).to(device)
-        rank, world = _world()
+        self.policy = self.policy_net(in_channels).to(device)
+        rank, world = self.world()
         if world > 1:  # the policy starts identical on every rank and stays so (all-reduced grads)
             for p in self.policy.parameters():
                 dist.broadcast(p.data, src=0)
@@ -383,7 +376,7 @@ class AdaptiveTimestepSampler:
 
     def ab(self, x0):
         """Beta parameters (a, b) per image: two [B] tensors."""
-        a, b = self.policy(x0).unbind(1)
+        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)                  # (B,), (B,): a, b > 0
         if self.ab_range is not None:
             a, b = a.clamp(*self.ab_range), b.clamp(*self.ab_range)
         return a, b
@@ -423,7 +416,7 @@ class AdaptiveTimestepSampler:
             return
         x0 = x0.detach().float()
         x_star = x0[:1].clone()
-        rank, world = _world()
+        rank, world = self.world()
         if world > 1:  # every rank sweeps the same image
             dist.broadcast(x_star, src=0)
         sweep_noise = torch.randn((self.T, *x0.shape[1:]), generator=self.noise_gen)
@@ -455,7 +448,7 @@ class AdaptiveTimestepSampler:
     @torch.no_grad()
     def sweep(self, x_star, noise):
         """L_t(x*) for t = 0..T-1 with noise[t]: (T,). Each rank computes its slice of t."""
-        rank, world = _world()
+        rank, world = self.world()
         ts = torch.arange(self.T).tensor_split(world)
         mine = ts[rank]
         local = self._chunked(x_star.expand(len(mine), *x_star.shape[1:]), mine.to(x_star.device),
@@ -476,7 +469,7 @@ class AdaptiveTimestepSampler:
         self.queue_x = torch.cat([self.queue_x, delta[None]])[-self.queue_size:]
         self.queue_y = torch.cat([self.queue_y, delta.sum()[None]])[-self.queue_size:]
         if len(self.queue_y) >= 3:
-            self.S = f_scores(self.queue_x, self.queue_y).topk(self.k).indices.sort().values
+            self.S = self.f_scores(self.queue_x, self.queue_y).topk(self.k).indices.sort().values
 
     def advantage(self, reward):
         """r - b: b = 0 in the paper; the batch mean with `baseline`; centred and scaled with `standardize`."""
@@ -497,7 +490,7 @@ class AdaptiveTimestepSampler:
         loss = -(adv.detach() * logp_t).mean() - self.entropy_coef * entropy.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        rank, world = _world()
+        rank, world = self.world()
         if world > 1:
             for p in self.policy.parameters():
                 dist.all_reduce(p.grad)
@@ -541,37 +534,38 @@ class AdaptiveTimestepSampler:
         self.history, self.history_steps = list(state["history"]), list(state["history_steps"])
         self.history_every = state["history_every"]
 
-
-def f_scores(X, y):
-    """Univariate F-statistic of y on each column of X (sklearn's f_regression): [T].
-
-    F_t = r_t^2 / (1 - r_t^2) * (n - 2), r_t the Pearson correlation; zero-variance columns score 0.
-    """
-    Xc, yc = X - X.mean(0), y - y.mean()
-    denom = Xc.norm(dim=0) * yc.norm()
-    r = torch.where(denom > 0, (Xc * yc[:, None]).sum(0) / denom.clamp(min=1e-300), torch.zeros_like(denom))
-    r2 = (r**2).clamp(max=1 - 1e-12)
-    return r2 / (1 - r2) * (len(y) - 2)
-
-
-class PolicyNet(nn.Module):
-    """x0 -> (a, b): three conv/ReLU/max-pool layers, a 4x4 adaptive pool, an MLP (released ATS code,
-    plus the adaptive pool so that any image size works). Starts at a = b = 1, i.e. exactly uniform."""
-
-    def __init__(self, in_ch, width=256):
-        super().__init__()
+    @staticmethod
+    def policy_net(in_ch, width=256):
+        """x0 -> two raw numbers for (a, b): three conv/ReLU/max-pool layers, a 4x4 adaptive pool (so any
+        image size works), an MLP (released ATS code). Starts at softplus + 1e-5 = 1, i.e. exactly uniform."""
         layers, c = [], in_ch
         for c_out in (32, 64, 128):
             layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
             c = c_out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.mlp = nn.Sequential(nn.Linear(c * 16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                 nn.Linear(width, 2))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.constant_(self.mlp[-1].bias, math.log(math.expm1(1 - 1e-5)))  # softplus + 1e-5 = 1
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, width), nn.ReLU(),
+                            nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+        nn.init.zeros_(net[-1].weight)
+        nn.init.constant_(net[-1].bias, math.log(math.expm1(1 - 1e-5)))
+        return net
 
-    def forward(self, x):
-        return F.softplus(self.mlp(self.features(x))) + 1e-5               # (B, 2): a, b > 0
+    @staticmethod
+    def f_scores(X, y):
+        """Univariate F-statistic of y on each column of X (sklearn's f_regression): [T].
+
+        F_t = r_t^2 / (1 - r_t^2) * (n - 2), r_t the Pearson correlation; zero-variance columns score 0.
+        """
+        Xc, yc = X - X.mean(0), y - y.mean()
+        denom = Xc.norm(dim=0) * yc.norm()
+        r = torch.where(denom > 0, (Xc * yc[:, None]).sum(0) / denom.clamp(min=1e-300), torch.zeros_like(denom))
+        r2 = (r**2).clamp(max=1 - 1e-12)
+        return r2 / (1 - r2) * (len(y) - 2)
+
+    @staticmethod
+    def world():
+        """(rank, world size); (0, 1) without a process group."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +594,7 @@ class Trainer:
         self.model, self.diffusion, self.sampler, self.grad_clip = model, diffusion, sampler, grad_clip
         self.device = next(model.parameters()).device
         self.net = model
-        if _world()[1] > 1:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if compile:

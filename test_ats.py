@@ -55,7 +55,7 @@ def ats_sampler(T, model, diffusion, **kw):
 
 def set_ab(sampler, a, b):
     """Make the policy output (a, b) for every image: zero last-layer weights, bias = softplus^-1."""
-    last = sampler.policy.mlp[-1]
+    last = sampler.policy[-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([a, b], dtype=torch.float64).sub(1e-5).expm1().log().float())
@@ -339,7 +339,7 @@ def test_f_scores_recover_planted_timesteps():
     X = torch.randn(100, 200, generator=g, dtype=torch.float64)
     X[:, 50] = 0.0  # a constant column must score 0
     y = 3 * X[:, 7] - 2 * X[:, 120] + 2.5 * X[:, 199] + 0.1 * torch.randn(100, generator=g, dtype=torch.float64)
-    scores = ats.f_scores(X, y)
+    scores = ats.AdaptiveTimestepSampler.f_scores(X, y)
     assert scores[50] == 0
     assert sorted(scores.topk(3).indices.tolist()) == [7, 120, 199]
 
