@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 import ats
+import bench
 import sample
 import train
 
@@ -749,3 +750,34 @@ def test_two_process_gloo_run_stays_in_sync_and_resumes(tmp_path):
     assert not torch.equal(r0["history"][0], r0["history"][-1])  # the policy did move
     assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8
     assert run(tmp_path, "--steps", "10", "--resume")["step"] == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py smoke tests (no timings asserted)
+# ---------------------------------------------------------------------------------------------
+
+TOY_MODEL = "ch=8,ch_mult=1,num_res=1,attn_res=,dropout=0.1,T=20"
+
+
+def test_speed_reports_finite_numbers():
+    """`speed --quick` at toy sizes prints finite per-step times, ratio and breakdown; throughput runs too."""
+    result = bench.main(["speed", "--device", "cpu", "--quick", "--B", "4", "--every", "3", "--cycles", "1",
+                         "--throughput", "--no-compile", "--tp-steps", "1", "--set", TOY_MODEL + ",image_size=8"])
+    for key in ("uniform_s", "ats_s", "ratio", "probe_share", "policy_ms_forward"):
+        assert math.isfinite(result[key]), key
+    assert all(row["images_s"] > 0 for row in result["throughput"])
+
+
+def test_converge_quick_writes_results(tmp_path):
+    """`converge --quick` at toy sizes writes JSON, markdown, curves and a policy heatmap with finite metrics."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "bench"
+    results = bench.main(["converge", "--device", "cpu", "--quick", "--steps", "6", "--samples", "20",
+                          "--nll-images", "2", "--ddim-steps", "2", "--out", str(out),
+                          "--variant", "released:released_probe=1", "--variants", "uniform,ats-paper",
+                          "--set", TOY_MODEL + ",batch_size=8,ats_every=2"])
+    for name in ("results.json", "results.md", "curves.png", "policy_ats-paper_seed0.png",
+                 "policy_released_seed0.png"):
+        assert os.path.isfile(out / name), name
+    points = [p for run in results["runs"] for p in run["curve"]]
+    assert points and all(math.isfinite(p["nll"]) and math.isfinite(p["fd"]) for p in points)

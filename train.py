@@ -242,6 +242,8 @@ def build_model(cfg, device):
 def build(cfg, device):
     """U-Net, diffusion, timestep sampler and Trainer. The same seed gives the same initial weights."""
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":  # fp32 matmuls (the probe's attention) use TF32, as cuDNN convolutions do already
+        torch.backends.cuda.matmul.allow_tf32 = True
     model, diffusion = build_model(cfg, device)
     if cfg.sampler == "uniform":
         sampler = ats.UniformSampler(cfg.T)
