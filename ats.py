@@ -340,7 +340,8 @@ class AdaptiveTimestepSampler:
         baseline: subtract the batch-mean reward (the paper uses none).
         standardize: divide the (centred) reward by its batch std; off in the paper.
         mix: uniform-mixture floor, p = (1 - mix) p_policy + mix / T, used everywhere; 0 in the paper.
-        ab_range: (lo, hi) clamp on a and b; (1, hi) keeps the policy unimodal. None: no clamp.
+        ab_range: (lo, hi) clamp on a and b (straight-through gradient); (1, hi) keeps the policy
+            unimodal. None: no clamp.
         probe_batch: forwards per chunk in the probe, to bound memory.
         seed: seeds the probe's noise; it must be the same on every rank.
     """
@@ -376,10 +377,10 @@ class AdaptiveTimestepSampler:
 
     def ab(self, x0):
         """Beta parameters (a, b) per image: two [B] tensors."""
-        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)                  # (B,), (B,): a, b > 0
-        if self.ab_range is not None:
-            a, b = a.clamp(*self.ab_range), b.clamp(*self.ab_range)
-        return a, b
+        ab = F.softplus(self.policy(x0)) + 1e-5                               # (B, 2): a, b > 0
+        if self.ab_range is not None:  # clamp the values, but let the gradient through, so that a
+            ab = ab + (ab.clamp(*self.ab_range) - ab).detach()  # policy at a bound can still leave it
+        return ab.unbind(1)
 
     def log_probs(self, x0):
         """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b)."""
@@ -387,6 +388,7 @@ class AdaptiveTimestepSampler:
         return self.log_probs_from_ab(a, b)
 
     def log_probs_from_ab(self, a, b):
+        """log pi(t) of the discretised Beta(a, b) (plus the mixture floor) for [B] tensors a, b: [B, T]."""
         log_u, log_1mu = self.log_u.to(a.device), self.log_1mu.to(a.device)
         logits = (a - 1)[:, None] * log_u + (b - 1)[:, None] * log_1mu        # (B, T)
         logp = F.log_softmax(logits, dim=1)
