@@ -633,7 +633,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 def test_ctrl_c_saves_then_exits(tmp_path, monkeypatch):
     """Ctrl-C during step 3 lets that step finish, saves ckpt.pt at step 3, and exits naming --resume."""
-    step = ats.Trainer.step
+    step, handler = ats.Trainer.step, signal.getsignal(signal.SIGINT)
 
     def step_then_ctrl_c(self, x0, generator=None):
         if self.step_count == 2:
@@ -643,7 +643,7 @@ def test_ctrl_c_saves_then_exits(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="interrupted at step 3.*--resume"):
         run(tmp_path, "--steps", "10")
     assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
 def test_cifar10_without_data_or_network_gives_clear_error(tmp_path, monkeypatch):
