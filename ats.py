@@ -358,8 +358,7 @@ class AdaptiveTimestepSampler:
         self.grad_clip, self.baseline, self.standardize, self.mix = grad_clip, baseline, standardize, mix
         self.ab_range, self.probe_batch, self.history_size = ab_range, probe_batch, history_size
         self.policy = self.policy_net(in_channels).to(device)
-        rank, world = self.world()
-        if world > 1:  # the policy starts identical on every rank and stays so (all-reduced grads)
+        if self.world()[1] > 1:  # the policy starts identical on every rank and stays so (all-reduced grads)
             for p in self.policy.parameters():
                 dist.broadcast(p.data, src=0)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=lr)
@@ -418,8 +417,7 @@ class AdaptiveTimestepSampler:
             return
         x0 = x0.detach().float()
         x_star = x0[:1].clone()
-        rank, world = self.world()
-        if world > 1:  # every rank sweeps the same image
+        if self.world()[1] > 1:  # every rank sweeps the same image
             dist.broadcast(x_star, src=0)
         sweep_noise = torch.randn((self.T, *x0.shape[1:]), generator=self.noise_gen)
         reward_noise = torch.randn((x0.shape[0], self.k, *x0.shape[1:]), generator=self.noise_gen)
@@ -437,14 +435,16 @@ class AdaptiveTimestepSampler:
         was_training = self.model is not None and self.model.training
         if self.model is not None:
             self.model.eval()
-        with torch.autocast(x0.device.type, enabled=False):
-            sweep = self.sweep(x_star, sweep_noise)
-            B, k = x0.shape[0], len(S)
-            x = x0.repeat_interleave(k, dim=0)                              # (B*k, C, H, W)
-            s = S.to(x0.device).repeat(B)                                    # (B*k,)
-            reward = self._chunked(x, s, reward_noise.flatten(0, 1).to(x0.device)).view(B, k)
-        if was_training:
-            self.model.train()
+        try:
+            with torch.autocast(x0.device.type, enabled=False):
+                sweep = self.sweep(x_star, sweep_noise)
+                B, k = x0.shape[0], len(S)
+                x = x0.repeat_interleave(k, dim=0)                          # (B*k, C, H, W)
+                s = S.to(x0.device).repeat(B)                                # (B*k,)
+                reward = self._chunked(x, s, reward_noise.flatten(0, 1).to(x0.device)).view(B, k)
+        finally:
+            if was_training:
+                self.model.train()
         return sweep, reward
 
     @torch.no_grad()
@@ -492,7 +492,7 @@ class AdaptiveTimestepSampler:
         loss = -(adv.detach() * logp_t).mean() - self.entropy_coef * entropy.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        rank, world = self.world()
+        world = self.world()[1]
         if world > 1:
             for p in self.policy.parameters():
                 dist.all_reduce(p.grad)
