@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
@@ -518,7 +519,6 @@ def test_samplers_shape_range_and_determinism(method):
 
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -534,7 +534,6 @@ def sweep_setup(T):
 
 
 def _sweep_worker(rank, world, port, T, out):
-    import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         s, x_star, noise = sweep_setup(T)
@@ -548,7 +547,6 @@ def _sweep_worker(rank, world, port, T, out):
 @pytest.mark.parametrize("T, world", [(7, 2), (10, 3)])
 def test_split_sweep_equals_single_process_sweep(tmp_path, T, world):
     """The T-sweep split over ranks (T not divisible by the world size) and all-gathered equals one process's."""
-    import torch.multiprocessing as mp
     out = tmp_path / "sweep.pt"
     mp.spawn(_sweep_worker, args=(world, free_port(), T, str(out)), nprocs=world)
     s, x_star, noise = sweep_setup(T)
@@ -734,13 +732,13 @@ def test_folder_dataset_resizes_and_crops(tmp_path):
         train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path / "empty"), image_size=8))
 
 
-def _ddp_rank(rank, world, port, out_dir):
+def _ddp_rank(rank, world, port, out_dir, extra):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     built, build = [], train.build
     train.build = lambda cfg, device: built.append(build(cfg, device)) or built[-1]
-    train.main([*TINY, "--out-dir", out_dir, "--steps", "8"])  # sampler updates at steps 0, 2, 4, 6
+    train.main([*TINY, "--out-dir", out_dir, *extra])
     trainer = built[0]
     torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
                 "policy": trainer.sampler.policy.state_dict(), "queue_x": trainer.sampler.queue_x,
@@ -748,11 +746,8 @@ def _ddp_rank(rank, world, port, out_dir):
 
 
 def test_two_process_gloo_run_stays_in_sync_and_resumes(tmp_path):
-    """Under a 2-process gloo group, weights, policy, queue and S are identical on both ranks; ckpt.pt resumes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    """With 2 gloo processes, weights, policy, queue and S match across ranks; ckpt.pt resumes in 1 and 2."""
+    mp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path), ["--steps", "8"]), nprocs=2)  # updates at 0, 2, 4, 6
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key in ("model", "ema", "policy"):
         for name in r0[key]:
@@ -761,6 +756,8 @@ def test_two_process_gloo_run_stays_in_sync_and_resumes(tmp_path):
     assert not torch.equal(r0["history"][0], r0["history"][-1])  # the policy did move
     assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8
     assert run(tmp_path, "--steps", "10", "--resume")["step"] == 10
+    mp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path), ["--steps", "12", "--resume"]), nprocs=2)
+    assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 12
 
 
 # ---------------------------------------------------------------------------------------------
