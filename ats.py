@@ -588,7 +588,7 @@ class Trainer:
     """Adam with linear warmup, grad clipping, fp32 EMA, AMP and (under torchrun) DDP.
 
     One `step(x0)` is DDPM Algorithm 1 with t drawn by the sampler, and the sampler's update wrapped
-    around the optimizer step (ATS Algorithm 1).
+    around the optimizer step (ATS Sec. 4, Eq. 12-14).
     """
 
     def __init__(self, model, diffusion, sampler, *, lr=2e-4, warmup=5000, grad_clip=1.0,
