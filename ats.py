@@ -104,7 +104,7 @@ class GaussianDiffusion(nn.Module):
     def loss(self, model, x0, t, noise=None, generator=None):
         """L_simple per sample, ||eps - eps_theta(x_t, t)||^2 averaged over pixels (DDPM Eq. 14): [B].
 
-        ATS adds no importance weight: the paper folds the VLB weight into the sampler (ATS Eq. 9-10).
+        ATS adds no importance weight: the paper folds the VLB weight c_t into the sampler (ATS Sec. 4).
         """
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
