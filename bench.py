@@ -60,12 +60,6 @@ def synchronizer(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def build(cfg, device, seed):
-    """A trainer from train.build with the model initialised from `seed` (the same for every sampler)."""
-    torch.manual_seed(seed)
-    return train.build(cfg, device)
-
-
 def mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -104,7 +98,7 @@ def speed(args, device):
         over = {**QUICK_SPEED, **over}
     cfg = make_config(args.preset, {**over, **parse_overrides(args.set)})
     sync, every = synchronizer(device), cfg.ats_every
-    trainers = {s: build(dataclasses.replace(cfg, sampler=s), device, cfg.seed) for s in ("uniform", "ats")}
+    trainers = {s: train.build(dataclasses.replace(cfg, sampler=s), device) for s in ("uniform", "ats")}
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
     x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(device)             # (B, C, H, W) in [-1, 1]
@@ -162,7 +156,7 @@ def peak_tflops(name):
 
 def measure_train(cfg, device, amp, channels_last, compile_model, steps):
     """Images/s and FLOPs per step of uniform training with the given precision, layout and compile."""
-    trainer = build(dataclasses.replace(cfg, sampler="uniform", amp=amp, compile=compile_model), device, cfg.seed)
+    trainer = train.build(dataclasses.replace(cfg, sampler="uniform", amp=amp, compile=compile_model), device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     trainer.model.to(memory_format=layout)
     shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
@@ -348,7 +342,7 @@ class Evaluator:
 def train_run(cfg, released, train_x, evaluate, steps, n_evals, seed, device):
     """Train one run; the data order and training noise depend on `seed` only, not on the sampler.
     Returns the curve (step, training seconds, nll, fd) and the sampler's policy record."""
-    trainer = build(dataclasses.replace(cfg, seed=seed), device, seed)
+    trainer = train.build(dataclasses.replace(cfg, seed=seed), device)
     if released:
         use_released_probe(trainer)
     data = batches(train_x, cfg.batch_size, torch.Generator().manual_seed(seed))

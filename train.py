@@ -413,10 +413,13 @@ def train(cfg, ckpt, device, rank, world):
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, generator=gen, device=device) < 0.5, x0.flip(3), x0)
             meter["loss"] += trainer.step(x0, generator=gen)
             meter["n"] += 1
-            stop, step = any_rank(interrupted, device, world), trainer.step_count
-            due = {"log": step % cfg.log_every == 0, "ckpt": step % cfg.ckpt_every == 0 or step == cfg.steps or stop,
+            step = trainer.step_count
+            due = {"log": step % cfg.log_every == 0, "ckpt": step % cfg.ckpt_every == 0 or step == cfg.steps,
                    "grid": step % cfg.sample_every == 0 or step == cfg.steps,
                    "milestone": cfg.milestone_every > 0 and step % cfg.milestone_every == 0}
+            if world == 1 or any(due.values()):  # under torchrun, agree on Ctrl-C only where ranks sync anyway
+                stop = any_rank(interrupted, device, world)
+                due["ckpt"] = due["ckpt"] or stop
             if not any(due.values()):
                 continue
             loss = mean_loss(meter, world)                      # syncs, so the time below is real
