@@ -14,6 +14,7 @@ Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
 """
 
 import contextlib
+import copy
 import math
 import os
 
@@ -57,6 +58,14 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, mid))
 
 
+def randn(shape, generator=None, device=None):
+    """N(0, I) noise of `shape`. `generator` may be a list of one generator per image (row), so that an
+    image's noise does not depend on the batch it is drawn in."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
 def mean_flat(x):
     """Mean over every dimension but the batch: [B, ...] -> [B]."""
     return x.flatten(1).mean(1)
@@ -74,6 +83,7 @@ class GaussianDiffusion(nn.Module):
         if var_type not in ("large", "small"):
             raise ValueError(f"unknown var_type {var_type!r}: use 'large' or 'small'")
         self.T = T
+        self.config = dict(T=T, schedule=schedule, var_type=var_type)   # GaussianDiffusion(**config) rebuilds it
         betas = make_betas(schedule, T)
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)                                   # abar_t
@@ -102,10 +112,7 @@ class GaussianDiffusion(nn.Module):
         return self._at(self.sqrt_abar, t, x0) * x0 + self._at(self.sqrt_1m_abar, t, x0) * noise
 
     def loss(self, model, x0, t, noise=None, generator=None):
-        """L_simple per sample, ||eps - eps_theta(x_t, t)||^2 averaged over pixels (DDPM Eq. 14): [B].
-
-        ATS adds no importance weight: the paper folds the VLB weight c_t into the sampler (ATS Sec. 4).
-        """
+        """L_simple per sample, ||eps - eps_theta(x_t, t)||^2 averaged over pixels (DDPM Eq. 14): [B]."""
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         return mean_flat((noise - model(self.q_sample(x0, t, noise), t)) ** 2)
@@ -152,13 +159,13 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def ddpm_sample(self, model, shape, generator=None, progress=None):
-        """Ancestral sampling over all T steps (DDPM Algorithm 2), returned in [-1, 1]."""
+        """Ancestral sampling over all T steps (DDPM Algorithm 2), returned in [-1, 1]. See randn for generator."""
         device = self.betas.device
-        x = torch.randn(shape, generator=generator).to(device)
+        x = randn(shape, generator, device)
         for i in reversed(range(self.T)):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             mean, _ = self.p_mean(model, x, t, clip=True)
-            z = torch.randn(shape, generator=generator).to(device) if i > 0 else torch.zeros_like(x)
+            z = randn(shape, generator, device) if i > 0 else torch.zeros_like(x)
             x = mean + (0.5 * self._at(self.model_logvar, t, x)).exp() * z
             if progress is not None:
                 progress(self.T - i, self.T)
@@ -171,7 +178,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"DDIM steps must be in [1, {self.T}], got {steps}")
         device = self.betas.device
         seq = torch.linspace(0, self.T - 1, steps).round().long().tolist()
-        x = torch.randn(shape, generator=generator).to(device)
+        x = randn(shape, generator, device)
         for n, (i, j) in enumerate(zip(reversed(seq), [*reversed(seq[:-1]), -1]), start=1):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             a, a_prev = self.abar[i], (self.abar[j] if j >= 0 else self.abar.new_tensor(1.0))
@@ -180,10 +187,35 @@ class GaussianDiffusion(nn.Module):
             sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
             x = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
             if eta > 0 and j >= 0:
-                x = x + sigma * torch.randn(shape, generator=generator).to(device)
+                x = x + sigma * randn(shape, generator, device)
             if progress is not None:
                 progress(n, steps)
         return x.clamp(-1, 1)
+
+
+def loss_weights(name, abar, *, snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0, speed_lambda=0.6, speed_tau=0.7):
+    """Per-timestep weights w[t] on the eps-prediction L_simple: float32 [T] (computed in float64), or None.
+
+    'min-snr': min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Hang et al. 2023, arXiv:2303.09556).
+    'p2': 1 / (k + SNR_t)^gamma (Choi et al. 2022, arXiv:2204.00227); k = gamma = 1 gives 1 - abar_t.
+    'speed': SpeeD's change-aware weight (Wang et al. 2024, arXiv:2405.17403, as their Speed_IDDPM computes
+    it): g_t = d(1 - abar_t)/dt, rescaled to [1 - lambda, lambda] below tau = 0.7 T, and 1 from tau on.
+    """
+    if name == "none":
+        return None
+    abar = abar.double()
+    snr = abar / (1 - abar)
+    if name == "min-snr":
+        w = snr.clamp(max=snr_gamma) / snr
+    elif name == "p2":
+        w = 1 / (p2_k + snr) ** p2_gamma
+    elif name == "speed":
+        g = torch.gradient(1 - abar)[0]                                     # how fast x_t changes with t
+        w = (1 - speed_lambda) + (2 * speed_lambda - 1) * (g - g.min()) / (g.max() - g.min())
+        w[round(speed_tau * len(abar)):] = 1
+    else:
+        raise ValueError(f"unknown weighting {name!r}: use 'none', 'min-snr', 'p2' or 'speed'")
+    return w.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,23 +231,43 @@ def timestep_embedding(t, dim):
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps autocast's dtype and the input's memory layout.
+
+    Autocast runs group_norm in fp32 and, on CUDA, returns a contiguous tensor, so under bf16 every
+    norm would cast up, transpose a channels_last input, and the next conv would cast and transpose
+    back. Here the statistics are computed in fp32, and the output has the input's dtype and layout.
+    With autocast off this is exactly F.group_norm.
+    """
+
+    def forward(self, x):
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        g = x.float().unflatten(1, (self.num_groups, -1))                   # (B, G, C/G, H, W), x's layout
+        var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0, keepdim=True)
+        h = ((g - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)         # (B, C, H, W), fp32
+        return (h * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
+
+
 def norm(c):
-    return nn.GroupNorm(math.gcd(32, c), c)
+    return GroupNorm(math.gcd(32, c), c)
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, t_dim, dropout):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1 = norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb = nn.Linear(t_dim, c_out)
-        self.norm2, self.drop = norm(c_out), nn.Dropout(dropout)
+        self.norm2 = norm(c_out)
+        self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, temb):
+    def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = h + self.temb(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -225,95 +277,131 @@ class Attention(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)                                         # (B, HW, C)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)             # (B, HW, 3C)
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)                         # (B, 1, HW, C): 4-D, for fused kernels
+        h = F.scaled_dot_product_attention(q, k, v)                         # (B, 1, HW, C)
+        return x + self.proj(h.squeeze(1).transpose(1, 2).unflatten(2, (H, W)))
+
+
+class Block(nn.Module):
+    """A residual block, followed by self-attention at the resolutions that have it."""
+
+    def __init__(self, c_in, c_out, t_dim, dropout, attn):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, t_dim, dropout)
+        self.attn = Attention(c_out) if attn else nn.Identity()
+
+    def forward(self, h, emb):
+        return self.attn(self.res(h, emb))
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: its blocks, then a change of resolution (None at the end)."""
+
+    def __init__(self, blocks, resample):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
 
 
 class UNet(nn.Module):
     """eps_theta(x_t, t). Works for any channel count and any size divisible by 2^(levels-1).
 
     `attn_res` lists the feature-map sizes (in pixels, for an input of `image_size`) that get
-    self-attention; DDPM's CIFAR-10 model uses (16,) at image_size 32.
+    self-attention; DDPM's CIFAR-10 model uses (16,) at image_size 32. `self.config` holds the
+    constructor's arguments, so a checkpoint can rebuild the model with UNet(**config).
     """
 
     def __init__(self, *, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res=2, attn_res=(16,),
                  dropout=0.1, image_size=32):
         super().__init__()
+        self.config = dict(in_ch=in_ch, ch=ch, ch_mult=tuple(ch_mult), num_res=num_res,
+                           attn_res=tuple(attn_res), dropout=dropout, image_size=image_size)
         t_dim = 4 * ch
         self.ch = ch
-        self.temb = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        self.down, chans, c, res = nn.ModuleList(), [ch], ch, image_size
-        for level, mult in enumerate(ch_mult):
+        # down: num_res blocks per level, then a stride-2 conv; every output is kept as a skip
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            blocks = []
             for _ in range(num_res):
-                self.down.append(nn.ModuleList([ResBlock(c, ch * mult, t_dim, dropout),
-                                                Attention(ch * mult) if res in attn_res else nn.Identity()]))
+                blocks.append(Block(c, ch * mult, t_dim, dropout, attn=res in attn_res))
                 c = ch * mult
-                chans.append(c)
-            if level < len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample
-                chans.append(c)
+                skips.append(c)
+            last = i == len(ch_mult) - 1
+            self.down.append(Level(blocks, None if last else nn.Conv2d(c, c, 3, stride=2, padding=1)))
+            if not last:
+                skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, dropout), Attention(c), ResBlock(c, c, t_dim, dropout)])
+        # middle: residual, attention, residual, at the lowest resolution
+        self.mid_res1 = ResBlock(c, c, t_dim, dropout)
+        self.mid_attn = Attention(c)
+        self.mid_res2 = ResBlock(c, c, t_dim, dropout)
+        # up: num_res + 1 blocks per level, each on the concatenation with a skip, then upsampling
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(ch_mult))):
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            blocks = []
             for _ in range(num_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + chans.pop(), ch * mult, t_dim, dropout),
-                                              Attention(ch * mult) if res in attn_res else nn.Identity()]))
+                blocks.append(Block(c + skips.pop(), ch * mult, t_dim, dropout, attn=res in attn_res))
                 c = ch * mult
-            if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(c, c, 3, padding=1)))
+            upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+            self.up.append(Level(blocks, upsample if i > 0 else None))
+            if i > 0:
                 res *= 2
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, in_ch, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x, t):
-        temb = self.temb(timestep_embedding(t, self.ch))   # (B, 4ch)
-        h = self.conv_in(x)                                 # (B, ch, H, W)
-        hs = [h]
-        for block in self.down:
-            h = block(h) if isinstance(block, nn.Conv2d) else block[1](block[0](h, temb))
-            hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
-        for block in self.up:
-            if isinstance(block, nn.Sequential):
-                h = block(h)
-            else:
-                h = block[1](block[0](torch.cat([h, hs.pop()], dim=1), temb))
-        return self.out(h)                                  # (B, in_ch, H, W)
+        emb = self.time_mlp(timestep_embedding(t, self.ch))                 # (B, 4ch)
+        h = self.conv_in(x)                                                 # (B, ch, H, W)
+        skips = [h]
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h, emb)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)                                       # (B, c, H/2, W/2)
+                skips.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            if level.resample is not None:
+                h = level.resample(h)                                       # (B, c, 2H, 2W)
+        return self.conv_out(F.silu(self.norm_out(h)))                     # (B, in_ch, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Timestep samplers. Both have the same API, so the training loop never asks which it holds:
-#      t = sampler.sample(x0)                 # LongTensor[B]
-#      with sampler.around_update(x0, t):     # wraps optimizer.step() (and the EMA update)
+# 3. Timestep samplers. All have the same API, so the training loop never asks which it holds:
+#      t = sampler.sample(x0)                          # LongTensor[B]
+#      loss = (sampler.weights(t) * losses).mean()     # importance weights: ones unless stated
+#      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() (and the EMA update)
 #          optimizer.step()
 #    AdaptiveTimestepSampler needs only torch and a vlb_fn(x0, t, noise) -> [B]; copy it freely.
 # ---------------------------------------------------------------------------------------------
 
 
-class UniformSampler:
-    """t ~ U{0, ..., T-1}: the standard DDPM choice."""
+class TimestepSampler:
+    """The API with its defaults: no importance weights, nothing around the update, no state."""
 
     def __init__(self, T: int):
         self.T = T
 
-    def sample(self, x0, generator=None):
-        return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
+    def weights(self, t):
+        return torch.ones(t.shape, device=t.device)
 
     @contextlib.contextmanager
-    def around_update(self, x0, t):
-        yield
-
-    def summary(self):
-        return {}
+    def around_update(self, x0, t, losses=None):
+        yield {}
 
     def state_dict(self):
         return {}
@@ -322,78 +410,159 @@ class UniformSampler:
         pass
 
 
+class UniformSampler(TimestepSampler):
+    """t ~ U{0, ..., T-1}: the standard DDPM choice."""
+
+    def probs(self):
+        return torch.full((self.T,), 1 / self.T, dtype=torch.float64)
+
+    def sample(self, x0, generator=None):
+        return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
+
+
+class TableSampler(TimestepSampler):
+    """t ~ p for a fixed table p [T]: the heuristics ATS is compared with (see make_sampler)."""
+
+    def __init__(self, p):
+        super().__init__(len(p))
+        self.p = p.double() / p.double().sum()
+
+    def probs(self):
+        return self.p
+
+    def sample(self, x0, generator=None):
+        p = self.probs().to(x0.device)
+        return torch.multinomial(p, x0.shape[0], replacement=True, generator=generator)
+
+
+def lognormal_probs(abar, p_mean=-1.2, p_std=1.2):
+    """EDM's ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, arXiv:2206.00364, Table 1) on the discrete t.
+
+    sigma_t = sqrt((1 - abar_t) / abar_t); t's bin runs between the midpoints of consecutive ln sigma_t,
+    the end bins take the tails, and p_t is the normal's mass in the bin: [T], float64.
+    """
+    log_sigma = 0.5 * ((1 - abar.double()) / abar.double()).log()          # increases with t
+    cdf = torch.special.ndtr(((log_sigma[1:] + log_sigma[:-1]) / 2 - p_mean) / p_std)   # at the T-1 edges
+    return torch.diff(cdf, prepend=cdf.new_zeros(1), append=cdf.new_ones(1))
+
+
+def speed_probs(T, k=5.0, tau=0.7):
+    """SpeeD's asymmetric sampling (Wang et al. 2024): p_t proportional to k below tau = 0.7 T, 1 above.
+    Their dual draw (pairing t with m - t) is not included: this is their 'no_dual' ablation."""
+    p = torch.ones(T, dtype=torch.float64)
+    p[:round(tau * T)] = k
+    return p / p.sum()
+
+
+class LossSecondMomentSampler(TableSampler):
+    """p_t proportional to the RMS of t's last `history` losses, unbiased by weights 1 / (T p_t).
+
+    improved-diffusion's LossSecondMomentResampler (Nichol & Dhariwal 2021, arXiv:2102.09672): uniform with
+    weight 1 until every t has `history` losses, then mixed with uniform_prob of uniform. The losses are
+    recorded before the update, gathered from every rank so that all ranks hold the same history.
+    """
+
+    def __init__(self, T, history=10, uniform_prob=0.001):
+        super().__init__(torch.ones(T))
+        self.uniform_prob = uniform_prob
+        self.losses = torch.zeros(T, history, dtype=torch.float64)         # newest last
+        self.counts = torch.zeros(T, dtype=torch.long)
+
+    def warm(self):
+        return bool((self.counts >= self.losses.shape[1]).all())
+
+    def probs(self):
+        if not self.warm():
+            return self.p
+        rms = self.losses.square().mean(1).sqrt()                           # (T,)
+        return (1 - self.uniform_prob) * rms / rms.sum() + self.uniform_prob / self.T
+
+    def weights(self, t):
+        if not self.warm():
+            return super().weights(t)
+        return (1 / (self.T * self.probs()[t.cpu()])).float().to(t.device)
+
+    @contextlib.contextmanager
+    def around_update(self, x0, t, losses=None):
+        packed = torch.stack([t.double(), losses.double()])                 # (2, B)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, packed)
+            packed = torch.cat(parts, dim=1)                                # (2, world * B), in rank order
+        ts, ls = packed.cpu()
+        for i, loss in zip(ts.long().tolist(), ls.tolist()):
+            self.losses[i] = torch.cat([self.losses[i, 1:], self.losses.new_tensor([loss])])
+            self.counts[i] += 1
+        yield {}
+
+    def state_dict(self):
+        return {"losses": self.losses, "counts": self.counts}
+
+    def load_state_dict(self, state):
+        self.losses, self.counts = state["losses"].clone(), state["counts"].clone()
+
+
+def make_sampler(name, T, abar, p_mean=-1.2, p_std=1.2):
+    """'uniform', 'lognormal', 'speed' or 'loss-second-moment'; ATS is built with its own arguments."""
+    tables = {"lognormal": lambda: TableSampler(lognormal_probs(abar, p_mean, p_std)),
+              "speed": lambda: TableSampler(speed_probs(T)), "uniform": lambda: UniformSampler(T),
+              "loss-second-moment": lambda: LossSecondMomentSampler(T)}
+    if name not in tables:
+        raise ValueError(f"unknown sampler {name!r}: use one of {sorted(tables)}")
+    return tables[name]()
+
+
 class AdaptiveTimestepSampler:
     """The ATS policy pi_phi(t | x0), trained online with REINFORCE (ATS Sec. 4, Eq. 11-14).
 
     The policy maps x0 to (a, b) > 0 and puts an exactly normalised, discretised Beta(a, b) on the
     T timesteps. Every `update_every` (f_S) steps it measures how much the model update at the
-    sampled t lowered the VLB terms of a few timesteps S (the reward, ATS Eq. 12), picks S with a
-    univariate F-test over a queue of full T-sweeps (the surrogate of ATS Eq. 14), and takes a
-    REINFORCE step with an entropy bonus (ATS Eq. 13).
+    sampled t lowered the VLB terms of `num_selected` (|S|) timesteps S (the reward, ATS Eq. 12),
+    picks S with a univariate F-test over a queue of `queue_size` (Q) full T-sweeps (the surrogate
+    of ATS Eq. 14), and takes a REINFORCE step (ATS Eq. 13) with the entropy inside the reward.
 
-    Arguments:
-        T: number of diffusion timesteps.
-        vlb_fn: callable (x0, t, noise) -> [B], the per-sample VLB term L_t. Called without grad.
-        in_channels: image channels, for the policy network (any image size works).
-        model: if given, put in eval mode (dropout off) during probes and restored after.
-        update_every (f_S), k (|S|), queue_size (Q), lr, entropy_coef, grad_clip: ATS defaults.
-        baseline: subtract the batch-mean reward (the paper uses none).
-        standardize: divide the (centred) reward by its batch std; off in the paper.
-        mix: uniform-mixture floor, p = (1 - mix) p_policy + mix / T, used everywhere; 0 in the paper.
-        ab_range: (lo, hi) clamp on a and b (straight-through gradient); (1, hi) keeps the policy
-            unimodal. None: no clamp.
-        probe_batch: forwards per chunk in the probe, to bound memory.
-        seed: seeds the probe's noise; it must be the same on every rank.
+    vlb_fn(x0, t, noise) -> [B] is the per-sample VLB term L_t, called without gradients. `model`,
+    if given, is put in eval mode (dropout off) during the probes. `seed` seeds the probe's noise
+    and must be the same on every rank. Defaults are the released CIFAR-10 settings.
     """
 
-    def __init__(self, T, vlb_fn, in_channels=3, *, model=None, update_every=40, k=3, queue_size=20,
-                 lr=1e-2, entropy_coef=1e-2, grad_clip=1.0, baseline=False, standardize=False,
-                 mix=0.0, ab_range=None, probe_batch=256, seed=0, history_size=256, device=None):
-        if not 1 <= k <= T:
-            raise ValueError(f"k = |S| must be in [1, T={T}], got {k}")
-        if update_every < 1 or queue_size < 3 or not 0 <= mix < 1:
-            raise ValueError("need update_every >= 1, queue_size >= 3 and 0 <= mix < 1")
-        self.T, self.vlb_fn, self.model, self.k = T, vlb_fn, model, k
-        self.update_every, self.queue_size, self.entropy_coef = update_every, queue_size, entropy_coef
-        self.grad_clip, self.baseline, self.standardize, self.mix = grad_clip, baseline, standardize, mix
-        self.ab_range, self.probe_batch, self.history_size = ab_range, probe_batch, history_size
+    def __init__(self, T, vlb_fn, in_channels=3, *, model=None, update_every=40, num_selected=3,
+                 queue_size=20, policy_lr=1e-2, entropy_coef=1e-2, policy_grad_clip=1.0, probe_batch=256,
+                 seed=0, device=None):
+        if not 1 <= num_selected <= T:
+            raise ValueError(f"num_selected = |S| must be in [1, T={T}], got {num_selected}")
+        if update_every < 1 or queue_size < 3:
+            raise ValueError("need update_every >= 1 and queue_size >= 3")
+        self.T, self.vlb_fn, self.model, self.num_selected = T, vlb_fn, model, num_selected
+        self.update_every, self.queue_size, self.probe_batch = update_every, queue_size, probe_batch
+        self.policy_lr, self.entropy_coef, self.policy_grad_clip = policy_lr, entropy_coef, policy_grad_clip
         self.policy = self.policy_net(in_channels).to(device)
-        if self.world()[1] > 1:  # the policy starts identical on every rank and stays so (all-reduced grads)
-            for p in self.policy.parameters():
-                dist.broadcast(p.data, src=0)
-        self.opt = torch.optim.Adam(self.policy.parameters(), lr=lr)
-        u = (torch.arange(T, dtype=torch.float64) + 0.5) / T                 # bin centres u_t
+        for p in self.policy.parameters():  # every rank starts from rank 0's policy; all-reduced grads keep it so
+            self._broadcast(p.data)
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=policy_lr)
+        u = (torch.arange(T, dtype=torch.float64) + 0.5) / T                 # bin centres u_t, not round(u (T-1))
         self.log_u, self.log_1mu = u.log().float().to(device), (-u).log1p().float().to(device)
         self.noise_gen = torch.Generator().manual_seed(seed)
         self.step = 0                                                        # global step counter
-        self.S = torch.arange(k)                                             # selected timesteps
+        self.S = torch.arange(num_selected)                                  # selected timesteps
         self.queue_x = torch.zeros(0, T, dtype=torch.float64)                # sweep deltas (n, T)
         self.queue_y = torch.zeros(0, dtype=torch.float64)                   # their sums (n,)
-        self.history, self.history_steps, self.history_every = [], [], 1
-        self.last = {}                                                       # stats of last update
 
     # -- the policy: exact discrete probabilities (ATS Eq. 11, discretised) --
 
-    def ab(self, x0):
-        """Beta parameters (a, b) per image: two [B] tensors."""
-        ab = F.softplus(self.policy(x0)) + 1e-5                               # (B, 2): a, b > 0
-        if self.ab_range is not None:  # clamp the values, but let the gradient through, so that a
-            ab = ab + (ab.clamp(*self.ab_range) - ab).detach()  # policy at a bound can still leave it
-        return ab.unbind(1)
-
     def log_probs(self, x0):
-        """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b)."""
-        a, b = self.ab(x0)
+        """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b).
+
+        This is log_softmax over t of Beta(a, b).log_prob(u_t) at the bin centres u_t = (t + 0.5) / T:
+        the Beta's normaliser cancels, leaving (a - 1) log u_t + (b - 1) log(1 - u_t).
+        """
+        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)                # (B,), (B,): a, b > 0
         return self.log_probs_from_ab(a, b)
 
     def log_probs_from_ab(self, a, b):
-        """log pi(t) of the discretised Beta(a, b) (plus the mixture floor) for [B] tensors a, b: [B, T]."""
-        log_u, log_1mu = self.log_u.to(a.device), self.log_1mu.to(a.device)
-        logits = (a - 1)[:, None] * log_u + (b - 1)[:, None] * log_1mu        # (B, T)
-        logp = F.log_softmax(logits, dim=1)
-        if self.mix > 0:  # (1 - mix) p + mix / T, in log space
-            logp = torch.logaddexp(logp + math.log1p(-self.mix), torch.full_like(logp, math.log(self.mix / self.T)))
-        return logp
+        """log pi(t) of the discretised Beta(a, b) for [B] tensors a, b: [B, T]."""
+        logits = (a - 1)[:, None] * self.log_u + (b - 1)[:, None] * self.log_1mu   # (B, T)
+        return F.log_softmax(logits, dim=1)
 
     @torch.no_grad()
     def probs(self, x0):
@@ -405,33 +574,48 @@ class AdaptiveTimestepSampler:
         """Draw t_i ~ pi(. | x0_i) for every image, without gradients: LongTensor[B]."""
         return torch.multinomial(self.probs(x0), 1, generator=generator).squeeze(1)
 
+    def weights(self, t):
+        """No importance weights: the paper folds the VLB weight c_t into the sampler (ATS Sec. 4)."""
+        return torch.ones(t.shape, device=t.device)
+
     # -- the sampler update around the model's optimizer step (ATS Eq. 12-14) --
 
     @contextlib.contextmanager
-    def around_update(self, x0, t):
-        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn."""
+    def around_update(self, x0, t, losses=None):
+        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn.
+
+        Yields a dict that, after an update, holds its statistics: the batch-mean pi(t) 'p' (T,),
+        the mean 'reward', the mean 'entropy' and the selected timesteps 'S'. It stays empty otherwise.
+        """
         due = self.step % self.update_every == 0
         self.step += 1
+        stats = {}
         if not due:
-            yield
+            yield stats
             return
         x0 = x0.detach().float()
-        x_star = x0[:1].clone()
-        if self.world()[1] > 1:  # every rank sweeps the same image
-            dist.broadcast(x_star, src=0)
+        x_star = self._broadcast(x0[:1].clone())                             # every rank sweeps the same image
         sweep_noise = torch.randn((self.T, *x0.shape[1:]), generator=self.noise_gen)
-        reward_noise = torch.randn((x0.shape[0], self.k, *x0.shape[1:]), generator=self.noise_gen)
+        reward_noise = torch.randn((x0.shape[0], self.num_selected, *x0.shape[1:]), generator=self.noise_gen)
         S = self.S.clone()
         before = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        yield                                                                # the model update
+        yield stats                                                          # the model update
         after = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        delta_sweep, D = before[0] - after[0], before[1] - after[1]          # (T,), (B, k)
+        delta_sweep, D = before[0] - after[0], before[1] - after[1]          # (T,), (B, |S|)
+        if not (delta_sweep.isfinite().all() and D.isfinite().all()):
+            return  # a diverged model: leave the sampler as it was; the training loop reports the loss
         self._push_queue(delta_sweep)
-        self._learn(x0, t, D.sum(1))                                         # r_i = sum_s D[i, s]
+        # r_i = sum_s D[i, s]: the paper writes the mean over S, the released code (whose
+        # hyperparameters we use) the sum; they differ by the factor |S|.
+        stats.update(self._learn(x0, t, D.sum(1)), S=S.tolist())
 
     @torch.no_grad()
     def _probe(self, x_star, sweep_noise, x0, S, reward_noise):
-        """L_t(x*) for all t (split across ranks) and L_s(x0_i) for s in S: (T,), (B, k)."""
+        """L_t(x*) for all t and L_s(x0_i) for s in S: (T,), (B, |S|).
+
+        Unlike the released code, the probe fixes the noise per (image, t) for "before" and "after",
+        runs in eval mode (dropout off) and in fp32, so that no update means exactly zero reward.
+        """
         was_training = self.model is not None and self.model.training
         if self.model is not None:
             self.model.eval()
@@ -449,92 +633,68 @@ class AdaptiveTimestepSampler:
 
     @torch.no_grad()
     def sweep(self, x_star, noise):
-        """L_t(x*) for t = 0..T-1 with noise[t]: (T,). Each rank computes its slice of t."""
+        """L_t(x*) for t = 0..T-1 with noise[t]: (T,). Each rank computes its slice; a sum joins them."""
         rank, world = self.world()
-        ts = torch.arange(self.T).tensor_split(world)
-        mine = ts[rank]
-        local = self._chunked(x_star.expand(len(mine), *x_star.shape[1:]), mine.to(x_star.device),
-                              noise[mine].to(x_star.device))
-        if world == 1:
-            return local.double().cpu()
-        pad = max(len(p) for p in ts)
-        parts = [local.new_zeros(pad) for _ in range(world)]
-        dist.all_gather(parts, F.pad(local, (0, pad - len(mine))))
-        return torch.cat([p[: len(i)] for p, i in zip(parts, ts)]).double().cpu()
+        mine = torch.arange(self.T).tensor_split(world)[rank]
+        x = x_star.expand(len(mine), *x_star.shape[1:])
+        full = torch.zeros(self.T, device=x_star.device)
+        full[mine.to(x_star.device)] = self._chunked(x, mine.to(x_star.device), noise[mine].to(x_star.device))
+        return self._all_reduce(full).double().cpu()
 
     def _chunked(self, x, t, noise):
-        return torch.cat([self.vlb_fn(xc, tc, nc).float() for xc, tc, nc in
-                          zip(x.split(self.probe_batch), t.split(self.probe_batch), noise.split(self.probe_batch))])
+        """vlb_fn over chunks of probe_batch forwards, to bound memory."""
+        chunks = zip(x.split(self.probe_batch), t.split(self.probe_batch), noise.split(self.probe_batch))
+        return torch.cat([self.vlb_fn(xc, tc, nc).float() for xc, tc, nc in chunks])
 
     def _push_queue(self, delta):
         """FIFO of (delta_sweep, y = sum_t delta_t), then re-select S by F-score (ATS Eq. 14)."""
         self.queue_x = torch.cat([self.queue_x, delta[None]])[-self.queue_size:]
         self.queue_y = torch.cat([self.queue_y, delta.sum()[None]])[-self.queue_size:]
         if len(self.queue_y) >= 3:
-            self.S = self.f_scores(self.queue_x, self.queue_y).topk(self.k).indices.sort().values
-
-    def advantage(self, reward):
-        """r - b: b = 0 in the paper; the batch mean with `baseline`; centred and scaled with `standardize`."""
-        if not (self.baseline or self.standardize):
-            return reward
-        adv = reward - reward.mean()
-        if self.standardize:
-            adv = adv / (adv.std() + 1e-8) if len(adv) > 1 else torch.zeros_like(adv)
-        return adv
+            self.S = self.f_scores(self.queue_x, self.queue_y).topk(self.num_selected).indices.sort().values
 
     def _learn(self, x0, t, reward):
-        """One REINFORCE step on the policy (ATS Eq. 13) with a separate entropy bonus."""
-        adv = self.advantage(reward)
+        """One REINFORCE step on the policy (ATS Eq. 13); returns where the policy stood."""
         with torch.autocast(x0.device.type, enabled=False):
             logp = self.log_probs(x0)                                        # (B, T), with grad
-        logp_t = logp.gather(1, t[:, None]).squeeze(1)                       # log pi(t_i | x0_i)
-        entropy = -(logp.exp() * logp).sum(1)                                # H_i, exact
-        loss = -(adv.detach() * logp_t).mean() - self.entropy_coef * entropy.mean()
+        loss = self.policy_loss(logp, t, reward.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        world = self.world()[1]
-        if world > 1:
-            for p in self.policy.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
+        for p in self.policy.parameters():
+            p.grad = self._all_reduce(p.grad) / self.world()[1]
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
         self.opt.step()
-        self._record(x0, reward, entropy)
+        p = logp.detach().exp()                                              # pi before this step: (B, T)
+        entropy = -(p * logp.detach()).sum(1)
+        return {"p": p.mean(0).cpu(), "reward": reward.mean().item(), "entropy": entropy.mean().item()}
 
-    @torch.no_grad()
-    def _record(self, x0, reward, entropy):
-        p = self.probs(x0).mean(0).cpu()                                     # batch-mean pi(t)
-        self.last = {"reward": reward.mean().item(), "entropy": entropy.mean().item(), "p": p}
-        if (self.step - 1) // self.update_every % self.history_every == 0:
-            self.history.append(p)
-            self.history_steps.append(self.step - 1)
-            if len(self.history) > self.history_size:  # thin out: keep every other row
-                self.history, self.history_steps = self.history[::2], self.history_steps[::2]
-                self.history_every *= 2
+    def policy_loss(self, logp, t, reward):
+        """-mean_i[ log(T pi(t_i)) (r_i + c_ent (H_i - log T)) ]: the released code's objective.
 
-    def summary(self):
-        """Where the policy put its mass at the last update: mean t and quarter masses."""
-        if not self.last:
-            return {}
-        p, q = self.last["p"], self.T / 4
-        t = torch.arange(self.T)
-        return {"mean_t": float((p * t).sum()), "S": self.S.tolist(), "reward": self.last["reward"],
-                "quarters": [round(float(p[(t >= i * q) & (t < (i + 1) * q)].sum()), 3) for i in range(4)]}
+        The released code multiplies the continuous Beta log-density by (reward + c_ent * entropy),
+        the entropy not detached. Both are 0 at uniform; their discrete counterparts here are
+        log(T pi(t)) and H - log T = -KL(pi || uniform). So the entropy acts only at third order near
+        uniform and the reward drives the policy. A separate bonus -c_ent H would pull the policy
+        back to uniform at first order and, against rewards of about 1e-4 bits/dim, pin it there.
+        """
+        log_ratio = logp + math.log(self.T)                                  # log(T pi(t)): (B, T), 0 at uniform
+        neg_kl = -(logp.exp() * log_ratio).sum(1)                            # H_i - log T: (B,)
+        return -(log_ratio.gather(1, t[:, None]).squeeze(1) * (reward + self.entropy_coef * neg_kl)).mean()
 
     def state_dict(self):
         return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                 "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
-                "noise_gen": self.noise_gen.get_state(), "history": self.history,
-                "history_steps": self.history_steps, "history_every": self.history_every}
+                "noise_gen": self.noise_gen.get_state()}
 
     def load_state_dict(self, state):
+        """Restore a saved state; the policy learning rate stays the one this sampler was built with."""
         self.policy.load_state_dict(state["policy"])
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:
+            group["lr"] = self.policy_lr
         self.step, self.S = state["step"], state["S"]
         self.queue_x, self.queue_y = state["queue_x"], state["queue_y"]
         self.noise_gen.set_state(state["noise_gen"])
-        self.history, self.history_steps = list(state["history"]), list(state["history_steps"])
-        self.history_every = state["history_every"]
 
     @staticmethod
     def policy_net(in_ch, width=256):
@@ -562,12 +722,28 @@ class AdaptiveTimestepSampler:
         r2 = (r**2).clamp(max=1 - 1e-12)
         return r2 / (1 - r2) * (len(y) - 2)
 
+    # -- the only communication: both are no-ops without a process group --
+
     @staticmethod
     def world():
         """(rank, world size); (0, 1) without a process group."""
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
+
+    @classmethod
+    def _broadcast(cls, x):
+        """x as rank 0 has it, in place on every rank."""
+        if cls.world()[1] > 1:
+            dist.broadcast(x, src=0)
+        return x
+
+    @classmethod
+    def _all_reduce(cls, x):
+        """The sum of x over all ranks, in place on every rank."""
+        if cls.world()[1] > 1:
+            dist.all_reduce(x)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,78 +760,135 @@ def autocast_dtype(device, amp="auto"):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def autocast(device, amp="auto"):
+    """The autocast context for `amp` ('auto', 'bf16', 'fp16' or 'none') on `device`."""
+    dtype = autocast_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 class Trainer:
     """Adam with linear warmup, grad clipping, fp32 EMA, AMP and (under torchrun) DDP.
 
-    One `step(x0)` is DDPM Algorithm 1 with t drawn by the sampler, and the sampler's update wrapped
-    around the optimizer step (ATS Sec. 4, Eq. 12-14).
+    `train_step(x0)` is DDPM Algorithm 1 with t drawn by the sampler and the sampler's update
+    wrapped around the optimizer step (ATS Sec. 4, Eq. 12-14); `run` loops it. On CUDA the fast path
+    is on by default: channels_last, cuDNN autotuning and fused Adam. `loss_weights` ([T] or None)
+    multiplies the per-sample L_simple (Min-SNR, P2, ...); ATS itself uses none.
     """
 
-    def __init__(self, model, diffusion, sampler, *, lr=2e-4, warmup=5000, grad_clip=1.0,
-                 ema_decay=0.9999, amp="auto", compile=False):
-        self.model, self.diffusion, self.sampler, self.grad_clip = model, diffusion, sampler, grad_clip
+    def __init__(self, model, diffusion, sampler, *, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
+                 amp="auto", compile=False, loss_weights=None, seed=0, channels_last=None):
+        self.model, self.diffusion, self.sampler = model, diffusion, sampler
+        self.lr, self.warmup, self.grad_clip, self.ema_decay, self.amp = lr, warmup, grad_clip, ema_decay, amp
         self.device = next(model.parameters()).device
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True                            # fixed shapes: autotune the convs
+        use_cl = cuda if channels_last is None else channels_last
+        self.layout = torch.channels_last if use_cl else torch.contiguous_format
+        model.to(memory_format=self.layout)
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()         # updated in place, never trained
         self.net = model
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        rank, world = AdaptiveTimestepSampler.world()                        # (0, 1) without a process group
+        if world > 1:
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None)
         if compile:
             self.net = torch.compile(self.net)
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-        self.ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr, fused=cuda)  # fused: one kernel for all params
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.warmup_factor)
         self.amp_dtype = autocast_dtype(self.device, amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.step_count = 0
+        self.loss_weights = None if loss_weights is None else loss_weights.to(self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed + rank)  # t and noise; saved for resume
+        self.step = 0
+        self.sampler_stats = {}                                              # the sampler's last update, if any
 
-    def step(self, x0, generator=None):
-        """One training step on a batch in [-1, 1]; returns the batch loss (a 0-dim tensor)."""
-        t = self.sampler.sample(x0, generator=generator)                      # t_i ~ pi(. | x0_i)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = self.diffusion.loss(self.net, x0, t, noise).mean()         # L_simple, no weights
+    def warmup_factor(self, step):
+        return min(1.0, (step + 1) / max(1, self.warmup))
+
+    def train_step(self, x0):
+        """One step on a batch in [-1, 1]; returns the unweighted batch-mean L_simple (a 0-dim tensor)."""
+        x0 = x0.contiguous(memory_format=self.layout)
+        t = self.sampler.sample(x0, generator=self.generator)                # t_i ~ pi(. | x0_i), ATS Eq. 11
+        noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
+        with autocast(self.device, self.amp):
+            losses = self.diffusion.loss(self.net, x0, t, noise)             # L_simple per sample: (B,)
+        weights = self.sampler.weights(t)                                    # ones for ATS and uniform
+        if self.loss_weights is not None:
+            weights = weights * self.loss_weights[t]
+        loss = (weights * losses).mean()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        with self.sampler.around_update(x0, t):                               # probe / update / probe
+        with self.sampler.around_update(x0, t, losses.detach()) as stats:   # ATS: probe, update, probe, learn
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
-            self.ema.update_parameters(self.model)
-        self.step_count += 1
-        return loss.detach()
+            self.update_ema()
+        self.sampler_stats = stats
+        self.step += 1
+        return losses.detach().mean()
 
-    def run(self, batches, steps, on_step=None):
-        """Train until `steps` total steps, drawing no more batches than it uses; calls on_step(trainer, loss)."""
+    @torch.no_grad()
+    def update_ema(self):
+        """ema <- decay * ema + (1 - decay) * model; a plain copy at the first step. No host sync."""
+        ema, params = list(self.ema.parameters()), list(self.model.parameters())
+        if self.step == 0:
+            torch._foreach_copy_(ema, params)
+        else:
+            torch._foreach_lerp_(ema, params, 1 - self.ema_decay)
+
+    def run(self, batches, steps):
+        """Train until `steps` total steps, one batch each, drawing no batch it does not use.
+
+        Yields each step's loss, so the caller logs, evaluates and saves between steps.
+        """
         batches = iter(batches)
-        while self.step_count < steps:
-            x0 = next(batches)
-            loss = self.step(x0.to(self.device, non_blocking=True))
-            if on_step is not None:
-                on_step(self, loss)
+        while self.step < steps:
+            self.batch = next(batches).to(self.device, non_blocking=True)    # kept for check_loss
+            yield self.train_step(self.batch)
+
+    @torch.no_grad()
+    def check_loss(self, x0):
+        """Unweighted L_simple of the current weights on x0 (eval mode, uniform t): a float.
+
+        Its own generator, seeded by the step, leaves the training streams untouched.
+        """
+        gen = torch.Generator(self.device).manual_seed(self.step)
+        self.model.eval()
+        try:
+            t = torch.randint(0, self.diffusion.T, (x0.shape[0],), generator=gen, device=self.device)
+            noise = torch.randn(x0.shape, generator=gen, device=self.device)
+            with autocast(self.device, self.amp):
+                return self.diffusion.loss(self.model, x0.to(self.device), t, noise).mean().item()
+        finally:
+            self.model.train()
 
     def state_dict(self):
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.sampler.state_dict(), "step": self.step_count}
+                "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(), "step": self.step}
 
     def load_state_dict(self, state):
+        """Restore a saved state; the learning rate stays the one this trainer was built with."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        self.sched.base_lrs = [self.lr] * len(self.opt.param_groups)
+        for group in self.opt.param_groups:
+            group["initial_lr"], group["lr"] = self.lr, self.lr * self.warmup_factor(self.sched.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.step_count = state["step"]
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. Checkpoints: plain dicts, written atomically, read with weights_only=True
 # ---------------------------------------------------------------------------------------------
 
-CKPT_FORMAT, CKPT_VERSION = "ats-checkpoint", 1
+CKPT_FORMAT, CKPT_VERSION = "ats-checkpoint", 2
 
 
 class CheckpointError(Exception):
@@ -663,6 +896,7 @@ class CheckpointError(Exception):
 
 
 def rng_state():
+    """The global RNG state (dropout draws from it), CPU and CUDA."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -675,10 +909,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, trainer, config):
-    """Write {trainer state, rng, config, format, version} to `path` via a temporary file + rename."""
-    ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": dict(config), "rng": rng_state(),
-            **trainer.state_dict()}
+def save_checkpoint(path, trainer, config, extra=None):
+    """Write {trainer state, model arguments, run config, extra, format, version} via a temporary file + rename.
+
+    'unet' and 'diffusion' hold the constructors' arguments: UNet(**ckpt['unet']) rebuilds the model.
+    """
+    ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "unet": trainer.model.config,
+            "diffusion": trainer.diffusion.config, "config": dict(config), "extra": extra or {},
+            "rng": rng_state(), **trainer.state_dict()}
     tmp = f"{path}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -697,5 +935,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path!r} is not an ats checkpoint: it was not written by train.py")
     if ckpt.get("version") != CKPT_VERSION:
         raise CheckpointError(f"{path!r} has checkpoint version {ckpt.get('version')}, this code reads "
-                              f"version {CKPT_VERSION}: use the matching version of ats")
+                              f"version {CKPT_VERSION}: use the version of ats that wrote it, or retrain")
     return ckpt
+
+
+def load_model(ckpt, device, ema=True):
+    """(eps_theta in eval mode, diffusion) rebuilt from a loaded checkpoint alone; the EMA weights unless ema=False."""
+    model = UNet(**ckpt["unet"])
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model.to(device).eval(), GaussianDiffusion(**ckpt["diffusion"]).to(device)
