@@ -4,11 +4,11 @@ Kim, Ki, Shim, Lee, "Adaptive Non-uniform Timestep Sampling for Accelerating Dif
 Training", CVPR 2025, arXiv:2411.09998 ("ATS Eq. N" below). DDPM is Ho, Jain, Abbeel,
 arXiv:2006.11239 ("DDPM Eq. N"). The file reads top to bottom:
 
-    1. schedule and diffusion math   GaussianDiffusion (losses, VLB terms, NLL, DDPM/DDIM sampling)
+    1. schedule and diffusion math   GaussianDiffusion (losses, VLB terms, NLL, DDPM/DDIM sampling), loss_weights
     2. U-Net                         UNet (the DDPM architecture, any size and channel count)
-    3. timestep samplers             UniformSampler, AdaptiveTimestepSampler (copy this one)
-    4. training step and loop        Trainer (Adam + warmup, clipping, EMA, AMP, DDP)
-    5. checkpoints                   save_checkpoint, load_checkpoint
+    3. timestep samplers             UniformSampler, the heuristics, AdaptiveTimestepSampler (copy this one)
+    4. training step and loop        Trainer (Adam + warmup, clipping, EMA, AMP, DDP; train_step and run)
+    5. checkpoints                   save_checkpoint, load_checkpoint, load_model
 
 Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
 """
@@ -551,23 +551,19 @@ class AdaptiveTimestepSampler:
     # -- the policy: exact discrete probabilities (ATS Eq. 11, discretised) --
 
     def log_probs(self, x0):
-        """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b).
-
-        This is log_softmax over t of Beta(a, b).log_prob(u_t) at the bin centres u_t = (t + 0.5) / T:
-        the Beta's normaliser cancels, leaving (a - 1) log u_t + (b - 1) log(1 - u_t).
-        """
+        """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b)."""
         a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)                # (B,), (B,): a, b > 0
         return self.log_probs_from_ab(a, b)
 
     def log_probs_from_ab(self, a, b):
-        """log pi(t) of the discretised Beta(a, b) for [B] tensors a, b: [B, T]."""
+        """log_softmax over t of Beta(a, b).log_prob(u_t) at the bin centres u_t = (t + 0.5) / T: [B, T].
+        The Beta's normaliser cancels, leaving (a - 1) log u_t + (b - 1) log(1 - u_t)."""
         logits = (a - 1)[:, None] * self.log_u + (b - 1)[:, None] * self.log_1mu   # (B, T)
         return F.log_softmax(logits, dim=1)
 
     @torch.no_grad()
     def probs(self, x0):
-        """pi(t | x0): [B, T], rows sum to 1."""
-        with torch.autocast(x0.device.type, enabled=False):
+        with torch.autocast(x0.device.type, enabled=False):                  # pi(t | x0): [B, T]
             return self.log_probs(x0.float()).exp()
 
     def sample(self, x0, generator=None):
@@ -582,11 +578,8 @@ class AdaptiveTimestepSampler:
 
     @contextlib.contextmanager
     def around_update(self, x0, t, losses=None):
-        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn.
-
-        Yields a dict that, after an update, holds its statistics: the batch-mean pi(t) 'p' (T,),
-        the mean 'reward', the mean 'entropy' and the selected timesteps 'S'. It stays empty otherwise.
-        """
+        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn. The yielded dict is
+        then filled with the update's batch-mean pi(t) 'p' (T,), mean 'reward', 'entropy' and 'S'."""
         due = self.step % self.update_every == 0
         self.step += 1
         stats = {}
@@ -611,11 +604,8 @@ class AdaptiveTimestepSampler:
 
     @torch.no_grad()
     def _probe(self, x_star, sweep_noise, x0, S, reward_noise):
-        """L_t(x*) for all t and L_s(x0_i) for s in S: (T,), (B, |S|).
-
-        Unlike the released code, the probe fixes the noise per (image, t) for "before" and "after",
-        runs in eval mode (dropout off) and in fp32, so that no update means exactly zero reward.
-        """
+        """L_t(x*) for all t and L_s(x0_i) for s in S: (T,), (B, |S|). Unlike the released code: fixed noise
+        per (image, t), eval mode (no dropout) and fp32, so that no update means exactly zero reward."""
         was_training = self.model is not None and self.model.training
         if self.model is not None:
             self.model.eval()
@@ -687,10 +677,9 @@ class AdaptiveTimestepSampler:
                 "noise_gen": self.noise_gen.get_state()}
 
     def load_state_dict(self, state):
-        """Restore a saved state; the policy learning rate stays the one this sampler was built with."""
         self.policy.load_state_dict(state["policy"])
         self.opt.load_state_dict(state["opt"])
-        for group in self.opt.param_groups:
+        for group in self.opt.param_groups:  # the learning rate given now wins over the saved one
             group["lr"] = self.policy_lr
         self.step, self.S = state["step"], state["S"]
         self.queue_x, self.queue_y = state["queue_x"], state["queue_y"]

@@ -501,10 +501,11 @@ def merge(args):
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read {folder}/results.json ({type(e).__name__}): "
                              "run converge there first") from None
-    if len({p["steps"] for p in parts}) > 1 or len({tuple(p["variants"]) for p in parts}) > 1:
-        raise SystemExit("error: the folders ran different steps or variants; merge only like with like")
+    if len({p["steps"] for p in parts}) > 1 or len({json.dumps(p["config"]) for p in parts}) > 1:
+        raise SystemExit("error: the folders ran different steps or base configs; merge only like with like")
     os.makedirs(args.out, exist_ok=True)
-    return write_report({**parts[0], "runs": [r for p in parts for r in p["runs"]]}, args.out)
+    variants = list(dict.fromkeys(v for p in parts for v in p["variants"]))  # union, in order of appearance
+    return write_report({**parts[0], "variants": variants, "runs": [r for p in parts for r in p["runs"]]}, args.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +554,7 @@ def parse_args(argv):
     c.add_argument("--long", action="store_true", help="500 policy updates: " + ", ".join(
         f"{k}={v}" for k, v in LONG_CONVERGE.items()) + ", f_S = 20")
     c.add_argument("--out", default="runs/bench", help="output directory")
-    r = sub.add_parser("report", help="one table from several converge output folders")
+    r = sub.add_parser("report", help="one table from several converge output folders (same steps and base config)")
     r.add_argument("folders", nargs="+")
     r.add_argument("--out", required=True, help="output directory for the merged report")
     return p.parse_args(argv)

@@ -417,17 +417,13 @@ def start(argv):
     for name, value in explicit.items():
         if name not in RESUMABLE and value != getattr(stored, name):
             flag = "--" + name.replace("_", "-")
-            raise SystemExit(f"error: {flag} {value} differs from the stored run's {stored_value(stored, name)}; "
+            raise SystemExit(f"error: {flag} {value} differs from the stored run's {name} = {getattr(stored, name)!r}; "
                              f"on --resume only {', '.join(sorted(RESUMABLE - {'resume', 'out_dir'}))} may change")
     cfg = Config(**{**asdict(stored), **{k: v for k, v in explicit.items() if k in RESUMABLE}, "out_dir": cfg.out_dir,
                     "resume": True})
     if cfg.steps <= ckpt["step"]:
         raise SystemExit(f"error: the run is already at step {ckpt['step']}: pass --steps above that to continue")
     return cfg, ckpt
-
-
-def stored_value(cfg, name):
-    return f"{name} = {getattr(cfg, name)!r}"
 
 
 class Interrupt:
@@ -512,10 +508,10 @@ def train(cfg, ckpt, device, rank, world):
                 raise SystemExit(f"error: the loss became {mean} by step {step}; stopped without saving. "
                                  f"{kept(path, saved)} Resume with a lower --lr, or try --amp none.")
             if due["ckpt"] or due["milestone"]:
-                check_weights(trainer, path, saved)
+                check_weights(trainer, path, saved, world)
             if rank == 0:
                 ips = n * cfg.batch_size / (time.time() - tic)
-                outputs(cfg, trainer, log, (mean, ips), log_file, due)
+                outputs(cfg, trainer, log, mean, ips, log_file, due)
             saved = step if due["ckpt"] else saved
             if due["log"]:
                 loss_sum, n, tic = torch.zeros((), device=device), 0, time.time()
@@ -547,20 +543,24 @@ def kept(path, saved):
     return f"{path} still holds step {saved}." if saved is not None else "No checkpoint was written."
 
 
-def check_weights(trainer, path, saved):
-    """Stop before saving weights whose loss is not finite or above MAX_CKPT_LOSS (twice predicting zero noise)."""
-    loss = trainer.check_loss(trainer.batch)
+def check_weights(trainer, path, saved, world):
+    """Stop before saving weights whose loss is not finite or above MAX_CKPT_LOSS (twice predicting zero noise).
+    Every rank checks its own batch, and the worst decides for all."""
+    loss = torch.tensor(trainer.check_loss(trainer.batch), device=trainer.device)
+    if world > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.MAX)
+    loss = loss.item()
     if not (math.isfinite(loss) and loss <= MAX_CKPT_LOSS):
         raise SystemExit(f"error: at step {trainer.step} the weights give L_simple {loss:.3g} (above "
                          f"{MAX_CKPT_LOSS}, worse than predicting zero noise): training diverged; not saved. "
                          f"{kept(path, saved)} Resume with a lower --lr, or try --amp none.")
 
 
-def outputs(cfg, trainer, log, numbers, log_file, due):
+def outputs(cfg, trainer, log, loss, ips, log_file, due):
     """Rank 0's writing: the log line, the checkpoint (and milestone copy), the grid and the heatmap."""
     step, config, extra = trainer.step, asdict(cfg), {"sampler_log": log.state_dict()}
     if due["log"]:
-        report(cfg, step, *numbers[:1], trainer.sched.get_last_lr()[0], numbers[1], log.summary, log_file)
+        report(cfg, step, loss, trainer.sched.get_last_lr()[0], ips, log.summary, log_file)
     if due["ckpt"]:
         ats.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), trainer, config, extra)
     if due["milestone"]:
