@@ -1006,6 +1006,19 @@ def test_cifar10_without_data_or_network_gives_clear_error(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
+def test_cifar10_is_decoded_into_one_uint8_tensor(monkeypatch):
+    """CIFAR-10's (N, 32, 32, 3) array becomes a (N, 3, S, S) uint8 tensor, resized when --image-size is not 32."""
+    arrays = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            self.data = arrays.numpy()
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    full = train.make_dataset(train.Config())
+    assert full.dtype == torch.uint8 and torch.equal(full, arrays.permute(0, 3, 1, 2))
+    assert train.make_dataset(train.Config(image_size=16)).shape == (5, 3, 16, 16)
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--batch-size", "0"], "--batch-size"), (["--T", "1"], "--T must be at least 2"),
     (["--num-selected", "60"], "--num-selected must be in"), (["--update-every", "0"], "--update-every"),

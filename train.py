@@ -234,7 +234,7 @@ class ImageFiles(Dataset):
 
 
 def make_dataset(cfg):
-    """A uint8 (N, C, H, W) tensor (synthetic) or a map-style dataset of uint8 (C, H, W) images."""
+    """A uint8 (N, C, H, W) tensor (synthetic, CIFAR-10) or a map-style dataset of uint8 (C, H, W) images (folder)."""
     if cfg.dataset == "synthetic":
         return synthetic_shapes(cfg.synthetic_n, cfg.image_size, cfg.channels, cfg.seed)
     if cfg.dataset == "folder":
@@ -242,17 +242,17 @@ def make_dataset(cfg):
         if len(data) == 0:
             raise SystemExit(f"error: no images found under --data-dir {cfg.data_dir!r}")
         return data
-    transform = tvt.Compose([tvt.Resize(cfg.image_size), tvt.CenterCrop(cfg.image_size), tvt.PILToTensor()])
     try:
-        data = torchvision.datasets.CIFAR10(cfg.data_dir, train=True, download=True, transform=transform)
+        data = torchvision.datasets.CIFAR10(cfg.data_dir, train=True, download=True)
     except Exception as e:  # no network, a proxy, a full disk: all end the same way
         raise SystemExit(f"error: CIFAR-10 is not in {cfg.data_dir!r} and could not be downloaded "
                          f"({type(e).__name__}). Put cifar-10-python.tar.gz from "
                          "https://www.cs.toronto.edu/~kriz/cifar.html into that folder (or point --data-dir at it), "
                          "or train offline with --dataset synthetic or --dataset folder.") from None
-    if cfg.image_size == 32:  # already decoded: (N, 32, 32, 3) uint8
-        return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
-    return data
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2)                 # (50000, 3, 32, 32) uint8
+    if cfg.image_size != 32:
+        images = tvt.Resize(cfg.image_size, antialias=True)(images)         # square in, square out
+    return images.contiguous()
 
 
 def fits_on_device(cfg, n, device):
