@@ -595,8 +595,9 @@ class AdaptiveTimestepSampler:
         yield stats                                                          # the model update
         after = self._probe(x_star, sweep_noise, x0, S, reward_noise)
         delta_sweep, D = before[0] - after[0], before[1] - after[1]          # (T,), (B, |S|)
-        if not (delta_sweep.isfinite().all() and D.isfinite().all()):
-            return  # a diverged model: leave the sampler as it was; the training loop reports the loss
+        finite = torch.tensor(float(delta_sweep.isfinite().all() and D.isfinite().all()), device=D.device)
+        if self._all_reduce(finite).item() < self.world()[1]:
+            return  # a diverged model (on any rank): leave the sampler as it was; the training loop reports it
         self._push_queue(delta_sweep)
         # r_i = sum_s D[i, s]: the paper writes the mean over S, the released code (whose
         # hyperparameters we use) the sum; they differ by the factor |S|.
