@@ -485,8 +485,9 @@ class LossSecondMomentSampler(TableSampler):
     @contextlib.contextmanager
     def around_update(self, x0, t, losses=None):
         packed = torch.stack([t.double(), losses.double()])                 # (2, B)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+        world = AdaptiveTimestepSampler.world()[1]                          # (defined below) 1 without a group
+        if world > 1:
+            parts = [torch.empty_like(packed) for _ in range(world)]
             dist.all_gather(parts, packed)
             packed = torch.cat(parts, dim=1)                                # (2, world * B), in rank order
         ts, ls = packed.cpu()
