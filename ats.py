@@ -2,15 +2,17 @@
 
 Kim, Ki, Shim, Lee, "Adaptive Non-uniform Timestep Sampling for Accelerating Diffusion Model
 Training", CVPR 2025, arXiv:2411.09998 ("ATS Eq. N" below). DDPM is Ho, Jain, Abbeel,
-arXiv:2006.11239 ("DDPM Eq. N"). The file reads top to bottom:
+arXiv:2006.11239 ("DDPM Eq. N"). The file reads top to bottom, in the paper's order:
 
-    1. schedule and diffusion math   GaussianDiffusion (losses, VLB terms, NLL, DDPM/DDIM sampling), loss_weights
-    2. U-Net                         UNet (the DDPM architecture, any size and channel count)
-    3. timestep samplers             UniformSampler, the heuristics, AdaptiveTimestepSampler (copy this one)
-    4. training step and loop        Trainer (Adam + warmup, clipping, EMA, AMP, DDP; train_step and run)
-    5. checkpoints                   save_checkpoint, load_checkpoint, load_model
+    1. schedule and diffusion math   GaussianDiffusion: losses, VLB terms, NLL, DDPM/DDIM sampling
+    2. U-Net                         UNet: the DDPM architecture, any size and channel count
+    3. timestep samplers             the sampler API, rank helpers, UniformSampler
+    4. the adaptive sampler          AdaptiveTimestepSampler: the method (copy this one)
+    5. training                      Trainer: Adam + warmup, clipping, EMA, AMP, DDP
+    6. checkpoints                   save_checkpoint, load_checkpoint, load_model
 
-Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
+The heuristics ATS is compared with (Min-SNR, P2, log-normal, SpeeD, loss-second-moment) live in
+heuristics.py. Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
 """
 
 import contextlib
@@ -23,20 +25,20 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 1. Schedule and diffusion math
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def make_betas(schedule: str, T: int) -> torch.Tensor:
-    """beta_1..beta_T in float64 for 'linear' (DDPM), 'quad' (released ATS CIFAR-10) or 'cosine'."""
+    """beta_1..beta_T in float64: 'linear' (DDPM), 'quad' (released ATS CIFAR-10) or 'cosine'."""
     if schedule == "linear":
         return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     if schedule == "quad":
         return torch.linspace(1e-4**0.5, 0.02**0.5, T, dtype=torch.float64) ** 2
     if schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008
-        s = 0.008
-        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        s, steps = 0.008, torch.arange(T + 1, dtype=torch.float64)
+        f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
     raise ValueError(f"unknown schedule {schedule!r}: use 'linear', 'quad' or 'cosine'")
 
@@ -50,17 +52,18 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log P(x) of data in [-1, 1] under a Gaussian discretised to 256 bins (DDPM Sec. 3.3)."""
     inv_std = torch.exp(-log_scale)
-    plus = inv_std * (x - mean + 1 / 255)    # upper bin edge, standardised
-    minus = inv_std * (x - mean - 1 / 255)   # lower bin edge, standardised
-    log_cdf_plus = torch.special.log_ndtr(plus)          # first bin: mass of (-inf, edge]
-    log_one_minus_cdf_min = torch.special.log_ndtr(-minus)  # last bin: mass of [edge, inf)
+    plus = inv_std * (x - mean + 1 / 255)                       # upper bin edge, standardised
+    minus = inv_std * (x - mean - 1 / 255)                      # lower bin edge, standardised
+    log_cdf_plus = torch.special.log_ndtr(plus)                 # first bin: mass of (-inf, edge]
+    log_one_minus_cdf_min = torch.special.log_ndtr(-minus)      # last bin: mass of [edge, inf)
     mid = (torch.special.ndtr(plus) - torch.special.ndtr(minus)).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, mid))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, mid))
 
 
 def randn(shape, generator=None, device=None):
-    """N(0, I) noise of `shape`. `generator` may be a list of one generator per image (row), so that an
-    image's noise does not depend on the batch it is drawn in."""
+    """N(0, I) noise of `shape`. `generator` may be a list of one generator per image (row), so
+    that an image's noise does not depend on the batch it is drawn in."""
     if isinstance(generator, list):
         return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(device)
     return torch.randn(shape, generator=generator).to(device)
@@ -74,29 +77,33 @@ def mean_flat(x):
 class GaussianDiffusion(nn.Module):
     """The DDPM forward process, its losses and its samplers, for an eps-prediction model.
 
-    Coefficients are computed in float64 and registered as float32 buffers, so `.to(device)` moves
-    them with the model. Every random draw takes an optional `generator`.
+    Coefficients are computed in float64 and registered as float32 buffers, so `.to(device)`
+    moves them with the model. Every random draw takes an optional `generator`.
     """
 
     def __init__(self, *, T: int = 1000, schedule: str = "linear", var_type: str = "large"):
         super().__init__()
+        if T < 2:
+            raise ValueError(f"T must be at least 2, got {T}")
         if var_type not in ("large", "small"):
             raise ValueError(f"unknown var_type {var_type!r}: use 'large' or 'small'")
         self.T = T
-        self.config = dict(T=T, schedule=schedule, var_type=var_type)   # GaussianDiffusion(**config) rebuilds it
+        self.config = dict(T=T, schedule=schedule, var_type=var_type)  # rebuilds it: (**config)
         betas = make_betas(schedule, T)
         alphas = 1 - betas
-        abar = torch.cumprod(alphas, 0)                                   # abar_t
+        abar = torch.cumprod(alphas, 0)                                  # abar_t
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        var_post = betas * (1 - abar_prev) / (1 - abar)                   # DDPM Eq. 7, beta-tilde
+        var_post = betas * (1 - abar_prev) / (1 - abar)                  # DDPM Eq. 7, beta-tilde
         logvar_post = torch.log(torch.cat([var_post[1:2], var_post[1:]]))  # clipped at t = 0
-        model_var = torch.cat([var_post[1:2], betas[1:]]) if var_type == "large" else var_post
-        model_logvar = torch.log(model_var) if var_type == "large" else logvar_post
+        if var_type == "large":
+            model_logvar = torch.log(torch.cat([var_post[1:2], betas[1:]]))
+        else:
+            model_logvar = logvar_post
         buffers = {
             "betas": betas, "abar": abar, "abar_prev": abar_prev,
             "sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
-            "post_c1": betas * abar_prev.sqrt() / (1 - abar),             # DDPM Eq. 7, x0 coef
-            "post_c2": alphas.sqrt() * (1 - abar_prev) / (1 - abar),      # DDPM Eq. 7, x_t coef
+            "post_c1": betas * abar_prev.sqrt() / (1 - abar),            # DDPM Eq. 7, x0 coef
+            "post_c2": alphas.sqrt() * (1 - abar_prev) / (1 - abar),     # DDPM Eq. 7, x_t coef
             "logvar_post": logvar_post, "model_logvar": model_logvar,
         }
         for name, value in buffers.items():
@@ -112,18 +119,20 @@ class GaussianDiffusion(nn.Module):
         return self._at(self.sqrt_abar, t, x0) * x0 + self._at(self.sqrt_1m_abar, t, x0) * noise
 
     def loss(self, model, x0, t, noise=None, generator=None):
-        """L_simple per sample, ||eps - eps_theta(x_t, t)||^2 averaged over pixels (DDPM Eq. 14): [B]."""
+        """L_simple per sample: ||eps - eps_theta(x_t, t)||^2 averaged over pixels (DDPM Eq. 14).
+        Returns [B]."""
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         return mean_flat((noise - model(self.q_sample(x0, t, noise), t)) ** 2)
 
     def p_mean(self, model, xt, t, clip=False):
-        """Mean of p_theta(x_{t-1} | x_t) and the predicted x0, from eps_theta (DDPM Eq. 11)."""
+        """Mean of p_theta(x_{t-1} | x_t), and the predicted x0, from eps_theta (DDPM Eq. 11)."""
         eps = model(xt, t).float()
         x0_hat = (xt - self._at(self.sqrt_1m_abar, t, xt) * eps) / self._at(self.sqrt_abar, t, xt)
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
-        return self._at(self.post_c1, t, xt) * x0_hat + self._at(self.post_c2, t, xt) * xt, x0_hat
+        mean = self._at(self.post_c1, t, xt) * x0_hat + self._at(self.post_c2, t, xt) * xt
+        return mean, x0_hat
 
     def vlb_terms(self, model, x0, t, noise):
         """The VLB term L_t per sample, in bits/dim: [B] (DDPM Eq. 5).
@@ -135,22 +144,25 @@ class GaussianDiffusion(nn.Module):
         mean_post = self._at(self.post_c1, t, x0) * x0 + self._at(self.post_c2, t, x0) * xt
         mean_model, _ = self.p_mean(model, xt, t)
         logvar_model = self._at(self.model_logvar, t, x0)
-        kl = mean_flat(normal_kl(mean_post, self._at(self.logvar_post, t, x0), mean_model, logvar_model))
+        logvar_post = self._at(self.logvar_post, t, x0)
+        kl = mean_flat(normal_kl(mean_post, logvar_post, mean_model, logvar_model))
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean_model, 0.5 * logvar_model))
         return torch.where(t == 0, nll, kl) / math.log(2)
 
     def prior_bpd(self, x0):
-        """KL(q(x_T | x0) || N(0, I)) per sample, in bits/dim: [B]. Near zero for a good schedule."""
+        """KL(q(x_T | x0) || N(0, I)) per sample, in bits/dim: [B]. Near 0 for a good schedule."""
         t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
-        mean, logvar = self._at(self.sqrt_abar, t, x0) * x0, self._at(self.abar, t, x0).neg().log1p()
-        return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2)
+        mean = self._at(self.sqrt_abar, t, x0) * x0
+        logvar = self._at(self.abar, t, x0).neg().log1p()
+        zero = torch.zeros_like(mean)
+        return mean_flat(normal_kl(mean, logvar, zero, zero)) / math.log(2)
 
     @torch.no_grad()
     def nll_bpd(self, model, x0, batch_size=256, generator=None):
-        """The NLL bound sum_t L_t + prior per image, in bits/dim: [B]. Runs B*T forwards in chunks."""
+        """The NLL bound sum_t L_t + prior per image, in bits/dim: [B]. B*T forwards, in chunks."""
         B = x0.shape[0]
-        img = torch.arange(B, device=x0.device).repeat_interleave(self.T)        # (B*T,)
-        ts = torch.arange(self.T, device=x0.device).repeat(B)                     # (B*T,)
+        img = torch.arange(B, device=x0.device).repeat_interleave(self.T)    # (B*T,)
+        ts = torch.arange(self.T, device=x0.device).repeat(B)                 # (B*T,)
         total = self.prior_bpd(x0)
         for i, t in zip(img.split(batch_size), ts.split(batch_size)):
             noise = torch.randn((len(i), *x0.shape[1:]), generator=generator).to(x0.device)
@@ -159,7 +171,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def ddpm_sample(self, model, shape, generator=None, progress=None):
-        """Ancestral sampling over all T steps (DDPM Algorithm 2), returned in [-1, 1]. See randn for generator."""
+        """Ancestral sampling over all T steps (DDPM Algorithm 2), in [-1, 1].
+        `generator` as in randn."""
         device = self.betas.device
         x = randn(shape, generator, device)
         for i in reversed(range(self.T)):
@@ -171,13 +184,17 @@ class GaussianDiffusion(nn.Module):
                 progress(self.T - i, self.T)
         return x.clamp(-1, 1)
 
+    def ddim_timesteps(self, steps):
+        """The `steps` evenly spaced timesteps DDIM visits, as a list; checks that steps fits T."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DDIM steps must be in [1, T={self.T}], got {steps}")
+        return torch.linspace(0, self.T - 1, steps).round().long().tolist()
+
     @torch.no_grad()
     def ddim_sample(self, model, shape, steps=50, eta=0.0, generator=None, progress=None):
-        """DDIM sampling (Song et al. 2021, Eq. 12) on `steps` evenly spaced timesteps, in [-1, 1]."""
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"DDIM steps must be in [1, {self.T}], got {steps}")
+        """DDIM sampling (Song et al. 2021, Eq. 12) on `steps` timesteps, in [-1, 1]."""
         device = self.betas.device
-        seq = torch.linspace(0, self.T - 1, steps).round().long().tolist()
+        seq = self.ddim_timesteps(steps)
         x = randn(shape, generator, device)
         for n, (i, j) in enumerate(zip(reversed(seq), [*reversed(seq[:-1]), -1]), start=1):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
@@ -193,34 +210,9 @@ class GaussianDiffusion(nn.Module):
         return x.clamp(-1, 1)
 
 
-def loss_weights(name, abar, *, snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0, speed_lambda=0.6, speed_tau=0.7):
-    """Per-timestep weights w[t] on the eps-prediction L_simple: float32 [T] (computed in float64), or None.
-
-    'min-snr': min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Hang et al. 2023, arXiv:2303.09556).
-    'p2': 1 / (k + SNR_t)^gamma (Choi et al. 2022, arXiv:2204.00227); k = gamma = 1 gives 1 - abar_t.
-    'speed': SpeeD's change-aware weight (Wang et al. 2024, arXiv:2405.17403, as their Speed_IDDPM computes
-    it): g_t = d(1 - abar_t)/dt, rescaled to [1 - lambda, lambda] below tau = 0.7 T, and 1 from tau on.
-    """
-    if name == "none":
-        return None
-    abar = abar.double()
-    snr = abar / (1 - abar)
-    if name == "min-snr":
-        w = snr.clamp(max=snr_gamma) / snr
-    elif name == "p2":
-        w = 1 / (p2_k + snr) ** p2_gamma
-    elif name == "speed":
-        g = torch.gradient(1 - abar)[0]                                     # how fast x_t changes with t
-        w = (1 - speed_lambda) + (2 * speed_lambda - 1) * (g - g.min()) / (g.max() - g.min())
-        w[round(speed_tau * len(abar)):] = 1
-    else:
-        raise ValueError(f"unknown weighting {name!r}: use 'none', 'min-snr', 'p2' or 'speed'")
-    return w.float()
-
-
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 2. U-Net (the DDPM architecture: Ho et al. 2020, Appendix B)
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def timestep_embedding(t, dim):
@@ -234,18 +226,18 @@ def timestep_embedding(t, dim):
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that keeps autocast's dtype and the input's memory layout.
 
-    Autocast runs group_norm in fp32 and, on CUDA, returns a contiguous tensor, so under bf16 every
-    norm would cast up, transpose a channels_last input, and the next conv would cast and transpose
-    back. Here the statistics are computed in fp32, and the output has the input's dtype and layout.
-    With autocast off this is exactly F.group_norm.
+    Autocast runs group_norm in fp32 and, on CUDA, returns a contiguous tensor, so under bf16
+    every norm would cast up, transpose a channels_last input, and the next conv would cast and
+    transpose back. Here the statistics are computed in fp32, and the output has the input's dtype
+    and layout. With autocast off this is exactly F.group_norm.
     """
 
     def forward(self, x):
         if not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
-        g = x.float().unflatten(1, (self.num_groups, -1))                   # (B, G, C/G, H, W), x's layout
+        g = x.float().unflatten(1, (self.num_groups, -1))          # (B, G, C/G, H, W), x's layout
         var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0, keepdim=True)
-        h = ((g - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)         # (B, C, H, W), fp32
+        h = ((g - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)  # (B, C, H, W), fp32
         return (h * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 
 
@@ -284,9 +276,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)             # (B, HW, 3C)
-        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)                         # (B, 1, HW, C): 4-D, for fused kernels
-        h = F.scaled_dot_product_attention(q, k, v)                         # (B, 1, HW, C)
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)   # (B, HW, 3C)
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)               # (B, 1, HW, C): 4-D, fused
+        h = F.scaled_dot_product_attention(q, k, v)               # (B, 1, HW, C)
         return x + self.proj(h.squeeze(1).transpose(1, 2).unflatten(2, (H, W)))
 
 
@@ -322,6 +314,21 @@ class UNet(nn.Module):
     def __init__(self, *, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res=2, attn_res=(16,),
                  dropout=0.1, image_size=32):
         super().__init__()
+        sizes = [image_size // 2**i for i in range(len(ch_mult))]  # feature-map size per level
+        if min(in_ch, num_res, image_size) < 1:
+            raise ValueError("in_ch, num_res and image_size must be at least 1")
+        if ch < 4 or ch % 2:
+            raise ValueError(f"ch must be an even number of at least 4, got {ch}")
+        if not ch_mult or min(ch_mult) < 1:
+            raise ValueError(f"ch_mult needs positive multipliers such as 1,2,2, got {ch_mult}")
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"image_size {image_size} must be divisible by 2^{len(ch_mult) - 1} "
+                             f"for {len(ch_mult)} levels")
+        if set(attn_res) - set(sizes):
+            raise ValueError(f"attn_res {tuple(attn_res)} names sizes no level has: "
+                             f"they are {sizes}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.config = dict(in_ch=in_ch, ch=ch, ch_mult=tuple(ch_mult), num_res=num_res,
                            attn_res=tuple(attn_res), dropout=dropout, image_size=image_size)
         t_dim = 4 * ch
@@ -329,65 +336,98 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         # down: num_res blocks per level, then a stride-2 conv; every output is kept as a skip
-        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
-        for i, mult in enumerate(ch_mult):
+        self.down, skips, c = nn.ModuleList(), [ch], ch
+        for i, (mult, res) in enumerate(zip(ch_mult, sizes)):
             blocks = []
             for _ in range(num_res):
                 blocks.append(Block(c, ch * mult, t_dim, dropout, attn=res in attn_res))
                 c = ch * mult
                 skips.append(c)
             last = i == len(ch_mult) - 1
-            self.down.append(Level(blocks, None if last else nn.Conv2d(c, c, 3, stride=2, padding=1)))
+            downsample = None if last else nn.Conv2d(c, c, 3, stride=2, padding=1)
+            self.down.append(Level(blocks, downsample))
             if not last:
                 skips.append(c)
-                res //= 2
         # middle: residual, attention, residual, at the lowest resolution
         self.mid_res1 = ResBlock(c, c, t_dim, dropout)
         self.mid_attn = Attention(c)
         self.mid_res2 = ResBlock(c, c, t_dim, dropout)
         # up: num_res + 1 blocks per level, each on the concatenation with a skip, then upsampling
         self.up = nn.ModuleList()
-        for i, mult in reversed(list(enumerate(ch_mult))):
+        for i, (mult, res) in reversed(list(enumerate(zip(ch_mult, sizes)))):
             blocks = []
             for _ in range(num_res + 1):
-                blocks.append(Block(c + skips.pop(), ch * mult, t_dim, dropout, attn=res in attn_res))
+                c_in = c + skips.pop()
+                blocks.append(Block(c_in, ch * mult, t_dim, dropout, attn=res in attn_res))
                 c = ch * mult
-            upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+            upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                     nn.Conv2d(c, c, 3, padding=1))
             self.up.append(Level(blocks, upsample if i > 0 else None))
-            if i > 0:
-                res *= 2
         self.norm_out = norm(c)
         self.conv_out = nn.Conv2d(c, in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.ch))                 # (B, 4ch)
-        h = self.conv_in(x)                                                 # (B, ch, H, W)
+        emb = self.time_mlp(timestep_embedding(t, self.ch))        # (B, 4ch)
+        h = self.conv_in(x)                                        # (B, ch, H, W)
         skips = [h]
         for level in self.down:
             for block in level.blocks:
                 h = block(h, emb)
                 skips.append(h)
             if level.resample is not None:
-                h = level.resample(h)                                       # (B, c, H/2, W/2)
+                h = level.resample(h)                              # (B, c, H/2, W/2)
                 skips.append(h)
         h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
         for level in self.up:
             for block in level.blocks:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
             if level.resample is not None:
-                h = level.resample(h)                                       # (B, c, 2H, 2W)
-        return self.conv_out(F.silu(self.norm_out(h)))                     # (B, in_ch, H, W)
+                h = level.resample(h)                              # (B, c, 2H, 2W)
+        return self.conv_out(F.silu(self.norm_out(h)))            # (B, in_ch, H, W)
 
 
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 3. Timestep samplers. All have the same API, so the training loop never asks which it holds:
 #      t = sampler.sample(x0)                          # LongTensor[B]
 #      loss = (sampler.weights(t) * losses).mean()     # importance weights: ones unless stated
-#      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() (and the EMA update)
+#      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() and the EMA update
 #          optimizer.step()
-#    AdaptiveTimestepSampler needs only torch and a vlb_fn(x0, t, noise) -> [B]; copy it freely.
-# ---------------------------------------------------------------------------------------------
+#    Under torchrun they talk only through the rank helpers below, which do nothing without a
+#    process group.
+# -------------------------------------------------------------------------------------------------
+
+
+def world():
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast(x):
+    """x as rank 0 has it, in place on every rank."""
+    if world()[1] > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def all_reduce(x, op="sum"):
+    """The sum (or 'max') of x over all ranks, in place on every rank."""
+    if world()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class TimestepSampler:
@@ -420,107 +460,21 @@ class UniformSampler(TimestepSampler):
         return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
 
 
-class TableSampler(TimestepSampler):
-    """t ~ p for a fixed table p [T]: the heuristics ATS is compared with (see make_sampler)."""
-
-    def __init__(self, p):
-        super().__init__(len(p))
-        self.p = p.double() / p.double().sum()
-
-    def probs(self):
-        return self.p
-
-    def sample(self, x0, generator=None):
-        p = self.probs().to(x0.device)
-        return torch.multinomial(p, x0.shape[0], replacement=True, generator=generator)
-
-
-def lognormal_probs(abar, p_mean=-1.2, p_std=1.2):
-    """EDM's ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, arXiv:2206.00364, Table 1) on the discrete t.
-
-    sigma_t = sqrt((1 - abar_t) / abar_t); t's bin runs between the midpoints of consecutive ln sigma_t,
-    the end bins take the tails, and p_t is the normal's mass in the bin: [T], float64.
-    """
-    log_sigma = 0.5 * ((1 - abar.double()) / abar.double()).log()          # increases with t
-    cdf = torch.special.ndtr(((log_sigma[1:] + log_sigma[:-1]) / 2 - p_mean) / p_std)   # at the T-1 edges
-    return torch.diff(cdf, prepend=cdf.new_zeros(1), append=cdf.new_ones(1))
-
-
-def speed_probs(T, k=5.0, tau=0.7):
-    """SpeeD's asymmetric sampling (Wang et al. 2024): p_t proportional to k below tau = 0.7 T, 1 above.
-    Their dual draw (pairing t with m - t) is not included: this is their 'no_dual' ablation."""
-    p = torch.ones(T, dtype=torch.float64)
-    p[:round(tau * T)] = k
-    return p / p.sum()
-
-
-class LossSecondMomentSampler(TableSampler):
-    """p_t proportional to the RMS of t's last `history` losses, unbiased by weights 1 / (T p_t).
-
-    improved-diffusion's LossSecondMomentResampler (Nichol & Dhariwal 2021, arXiv:2102.09672): uniform with
-    weight 1 until every t has `history` losses, then mixed with uniform_prob of uniform. The losses are
-    recorded before the update, gathered from every rank so that all ranks hold the same history.
-    """
-
-    def __init__(self, T, history=10, uniform_prob=0.001):
-        super().__init__(torch.ones(T))
-        self.uniform_prob = uniform_prob
-        self.losses = torch.zeros(T, history, dtype=torch.float64)         # newest last
-        self.counts = torch.zeros(T, dtype=torch.long)
-
-    def warm(self):
-        return bool((self.counts >= self.losses.shape[1]).all())
-
-    def probs(self):
-        if not self.warm():
-            return self.p
-        rms = self.losses.square().mean(1).sqrt()                           # (T,)
-        return (1 - self.uniform_prob) * rms / rms.sum() + self.uniform_prob / self.T
-
-    def weights(self, t):
-        if not self.warm():
-            return super().weights(t)
-        return (1 / (self.T * self.probs()[t.cpu()])).float().to(t.device)
-
-    @contextlib.contextmanager
-    def around_update(self, x0, t, losses=None):
-        packed = torch.stack([t.double(), losses.double()])                 # (2, B)
-        world = AdaptiveTimestepSampler.world()[1]                          # (defined below) 1 without a group
-        if world > 1:
-            parts = [torch.empty_like(packed) for _ in range(world)]
-            dist.all_gather(parts, packed)
-            packed = torch.cat(parts, dim=1)                                # (2, world * B), in rank order
-        ts, ls = packed.cpu()
-        for i, loss in zip(ts.long().tolist(), ls.tolist()):
-            self.losses[i] = torch.cat([self.losses[i, 1:], self.losses.new_tensor([loss])])
-            self.counts[i] += 1
-        yield {}
-
-    def state_dict(self):
-        return {"losses": self.losses, "counts": self.counts}
-
-    def load_state_dict(self, state):
-        self.losses, self.counts = state["losses"].clone(), state["counts"].clone()
-
-
-def make_sampler(name, T, abar, p_mean=-1.2, p_std=1.2):
-    """'uniform', 'lognormal', 'speed' or 'loss-second-moment'; ATS is built with its own arguments."""
-    tables = {"lognormal": lambda: TableSampler(lognormal_probs(abar, p_mean, p_std)),
-              "speed": lambda: TableSampler(speed_probs(T)), "uniform": lambda: UniformSampler(T),
-              "loss-second-moment": lambda: LossSecondMomentSampler(T)}
-    if name not in tables:
-        raise ValueError(f"unknown sampler {name!r}: use one of {sorted(tables)}")
-    return tables[name]()
+# -------------------------------------------------------------------------------------------------
+# 4. The adaptive sampler (ATS Sec. 4). Needs only torch, the rank helpers above and a
+#    vlb_fn(x0, t, noise) -> [B]: copy the helpers and this class into any training loop.
+# -------------------------------------------------------------------------------------------------
 
 
 class AdaptiveTimestepSampler:
     """The ATS policy pi_phi(t | x0), trained online with REINFORCE (ATS Sec. 4, Eq. 11-14).
 
-    The policy maps x0 to (a, b) > 0 and puts an exactly normalised, discretised Beta(a, b) on the
-    T timesteps. Every `update_every` (f_S) steps it measures how much the model update at the
+    The policy maps x0 to (a, b) > 0 and puts an exactly normalised, discretised Beta(a, b) on
+    the T timesteps. Every `update_every` (f_S) steps it measures how much the model update at the
     sampled t lowered the VLB terms of `num_selected` (|S|) timesteps S (the reward, ATS Eq. 12),
-    picks S with a univariate F-test over a queue of `queue_size` (Q) full T-sweeps (the surrogate
-    of ATS Eq. 14), and takes a REINFORCE step (ATS Eq. 13) with the entropy inside the reward.
+    picks S with a univariate F-test over a queue of `queue_size` (Q) full T-sweeps (the
+    surrogate of ATS Eq. 14), and takes a REINFORCE step (ATS Eq. 13) with the entropy inside the
+    reward.
 
     vlb_fn(x0, t, noise) -> [B] is the per-sample VLB term L_t, called without gradients. `model`,
     if given, is put in eval mode (dropout off) during the probes. `seed` seeds the probe's noise
@@ -528,43 +482,67 @@ class AdaptiveTimestepSampler:
     """
 
     def __init__(self, T, vlb_fn, in_channels=3, *, model=None, update_every=40, num_selected=3,
-                 queue_size=20, policy_lr=1e-2, entropy_coef=1e-2, policy_grad_clip=1.0, probe_batch=256,
-                 seed=0, device=None):
+                 queue_size=20, policy_lr=1e-2, entropy_coef=1e-2, policy_grad_clip=1.0,
+                 probe_batch=256, seed=0, device=None):
         if not 1 <= num_selected <= T:
-            raise ValueError(f"num_selected = |S| must be in [1, T={T}], got {num_selected}")
-        if update_every < 1 or queue_size < 3:
-            raise ValueError("need update_every >= 1 and queue_size >= 3")
+            raise ValueError(f"num_selected (|S|) must be in [1, T={T}], got {num_selected}")
+        if update_every < 1 or queue_size < 3 or probe_batch < 1:
+            raise ValueError("update_every (f_S) and probe_batch must be at least 1, queue_size "
+                             f"(Q) at least 3; got {update_every}, {probe_batch}, {queue_size}")
+        if not all(math.isfinite(v) and v > 0 for v in (policy_lr, policy_grad_clip)):
+            raise ValueError(f"policy_lr and policy_grad_clip must be finite and positive, "
+                             f"got {policy_lr}, {policy_grad_clip}")
+        if not (math.isfinite(entropy_coef) and entropy_coef >= 0):
+            raise ValueError(f"entropy_coef must be finite and >= 0, got {entropy_coef}")
         self.T, self.vlb_fn, self.model, self.num_selected = T, vlb_fn, model, num_selected
         self.update_every, self.queue_size, self.probe_batch = update_every, queue_size, probe_batch
-        self.policy_lr, self.entropy_coef, self.policy_grad_clip = policy_lr, entropy_coef, policy_grad_clip
+        self.policy_lr, self.entropy_coef = policy_lr, entropy_coef
+        self.policy_grad_clip = policy_grad_clip
         self.policy = self.policy_net(in_channels).to(device)
-        for p in self.policy.parameters():  # every rank starts from rank 0's policy; all-reduced grads keep it so
-            self._broadcast(p.data)
+        for p in self.policy.parameters():  # every rank starts from rank 0's policy;
+            broadcast(p.data)               # all-reduced gradients keep it so
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=policy_lr)
-        u = (torch.arange(T, dtype=torch.float64) + 0.5) / T                 # bin centres u_t, not round(u (T-1))
+        u = (torch.arange(T, dtype=torch.float64) + 0.5) / T           # bin centres u_t
         self.log_u, self.log_1mu = u.log().float().to(device), (-u).log1p().float().to(device)
         self.noise_gen = torch.Generator().manual_seed(seed)
-        self.step = 0                                                        # global step counter
-        self.S = torch.arange(num_selected)                                  # selected timesteps
-        self.queue_x = torch.zeros(0, T, dtype=torch.float64)                # sweep deltas (n, T)
-        self.queue_y = torch.zeros(0, dtype=torch.float64)                   # their sums (n,)
+        self.step = 0                                                  # global step counter
+        self.S = torch.arange(num_selected)                            # selected timesteps
+        self.queue_x = torch.zeros(0, T, dtype=torch.float64)          # sweep deltas (n, T)
+        self.queue_y = torch.zeros(0, dtype=torch.float64)             # their sums (n,)
+
+    @staticmethod
+    def policy_net(in_ch, width=256):
+        """x0 -> two raw numbers for (a, b): three conv/ReLU/max-pool layers, a 4x4 adaptive pool
+        (so any image size works), an MLP. Starts at softplus + 1e-5 = 1: exactly uniform."""
+        layers, c = [], in_ch
+        for c_out in (32, 64, 128):
+            layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            c = c_out
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                            nn.Linear(c * 16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                            nn.Linear(width, 2))
+        nn.init.zeros_(net[-1].weight)
+        nn.init.constant_(net[-1].bias, math.log(math.expm1(1 - 1e-5)))
+        return net
 
     # -- the policy: exact discrete probabilities (ATS Eq. 11, discretised) --
 
     def log_probs(self, x0):
         """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b)."""
-        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)                # (B,), (B,): a, b > 0
+        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)             # (B,), (B,): a, b > 0
         return self.log_probs_from_ab(a, b)
 
     def log_probs_from_ab(self, a, b):
-        """log_softmax over t of Beta(a, b).log_prob(u_t) at the bin centres u_t = (t + 0.5) / T: [B, T].
-        The Beta's normaliser cancels, leaving (a - 1) log u_t + (b - 1) log(1 - u_t)."""
-        logits = (a - 1)[:, None] * self.log_u + (b - 1)[:, None] * self.log_1mu   # (B, T)
+        """log_softmax over t of Beta(a, b).log_prob(u_t) at the bin centres u_t = (t + 0.5) / T.
+        The Beta's normaliser cancels, leaving (a - 1) log u_t + (b - 1) log(1 - u_t): [B, T]."""
+        logits = (a - 1)[:, None] * self.log_u + (b - 1)[:, None] * self.log_1mu  # (B, T)
         return F.log_softmax(logits, dim=1)
 
     @torch.no_grad()
     def probs(self, x0):
-        with torch.autocast(x0.device.type, enabled=False):                  # pi(t | x0): [B, T]
+        """pi(t | x0): [B, T], in fp32 whatever the autocast."""
+        with torch.autocast(x0.device.type, enabled=False):
             return self.log_probs(x0.float()).exp()
 
     def sample(self, x0, generator=None):
@@ -572,15 +550,16 @@ class AdaptiveTimestepSampler:
         return torch.multinomial(self.probs(x0), 1, generator=generator).squeeze(1)
 
     def weights(self, t):
-        """No importance weights: the paper folds the VLB weight c_t into the sampler (ATS Sec. 4)."""
+        """No importance weights: the paper folds the VLB weight c_t into the sampler (Sec. 4)."""
         return torch.ones(t.shape, device=t.device)
 
-    # -- the sampler update around the model's optimizer step (ATS Eq. 12-14) --
+    # -- the sampler update around the model's optimizer step (ATS Eq. 12-14), in call order --
 
     @contextlib.contextmanager
     def around_update(self, x0, t, losses=None):
-        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn. The yielded dict is
-        then filled with the update's batch-mean pi(t) 'p' (T,), mean 'reward', 'entropy' and 'S'."""
+        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn. The yielded
+        dict is then filled with the update's batch-mean pi(t) 'p' (T,), the mean 'reward', the
+        mean 'entropy' and 'S'."""
         due = self.step % self.update_every == 0
         self.step += 1
         stats = {}
@@ -588,54 +567,52 @@ class AdaptiveTimestepSampler:
             yield stats
             return
         x0 = x0.detach().float()
-        x_star = self._broadcast(x0[:1].clone())                             # every rank sweeps the same image
+        x_star = broadcast(x0[:1].clone())                             # every rank sweeps one image
         sweep_noise = torch.randn((self.T, *x0.shape[1:]), generator=self.noise_gen)
-        reward_noise = torch.randn((x0.shape[0], self.num_selected, *x0.shape[1:]), generator=self.noise_gen)
+        reward_noise = torch.randn((x0.shape[0], self.num_selected, *x0.shape[1:]),
+                                   generator=self.noise_gen)
         S = self.S.clone()
         before = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        yield stats                                                          # the model update
+        yield stats                                                    # the model update
         after = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        delta_sweep, D = before[0] - after[0], before[1] - after[1]          # (T,), (B, |S|)
-        finite = torch.tensor(float(delta_sweep.isfinite().all() and D.isfinite().all()), device=D.device)
-        if self._all_reduce(finite).item() < self.world()[1]:
-            return  # a diverged model (on any rank): leave the sampler as it was; the training loop reports it
+        delta_sweep, D = before[0] - after[0], before[1] - after[1]    # (T,), (B, |S|)
+        finite = float(delta_sweep.isfinite().all() and D.isfinite().all())
+        if all_reduce(torch.tensor(finite, device=D.device)).item() < world()[1]:
+            return  # a diverged model on some rank: the sampler stays as it was
         self._push_queue(delta_sweep)
-        # r_i = sum_s D[i, s]: the paper writes the mean over S, the released code (whose
-        # hyperparameters we use) the sum; they differ by the factor |S|.
+        # r_i = sum_{s in S} D[i, s]: the released code's sum, whose hyperparameters we use
         stats.update(self._learn(x0, t, D.sum(1)), S=S.tolist())
 
     @torch.no_grad()
     def _probe(self, x_star, sweep_noise, x0, S, reward_noise):
-        """L_t(x*) for all t and L_s(x0_i) for s in S: (T,), (B, |S|). Unlike the released code: fixed noise
-        per (image, t), eval mode (no dropout) and fp32, so that no update means exactly zero reward."""
-        was_training = self.model is not None and self.model.training
-        if self.model is not None:
-            self.model.eval()
-        try:
-            with torch.autocast(x0.device.type, enabled=False):
-                sweep = self.sweep(x_star, sweep_noise)
-                B, k = x0.shape[0], len(S)
-                x = x0.repeat_interleave(k, dim=0)                          # (B*k, C, H, W)
-                s = S.to(x0.device).repeat(B)                                # (B*k,)
-                reward = self._chunked(x, s, reward_noise.flatten(0, 1).to(x0.device)).view(B, k)
-        finally:
-            if was_training:
-                self.model.train()
+        """L_t(x*) for all t and L_s(x0_i) for s in S: (T,), (B, |S|). With fixed noise per
+        (image, t), in eval mode and in fp32, so that no update means exactly zero reward."""
+        no_dropout = evaluating(self.model) if self.model is not None else contextlib.nullcontext()
+        with no_dropout, torch.autocast(x0.device.type, enabled=False):
+            sweep = self.sweep(x_star, sweep_noise)
+            B, k = x0.shape[0], len(S)
+            x = x0.repeat_interleave(k, dim=0)                         # (B*k, C, H, W)
+            s = S.to(x0.device).repeat(B)                              # (B*k,)
+            noise = reward_noise.flatten(0, 1).to(x0.device)           # (B*k, C, H, W)
+            reward = self._chunked(x, s, noise).view(B, k)
         return sweep, reward
 
     @torch.no_grad()
     def sweep(self, x_star, noise):
-        """L_t(x*) for t = 0..T-1 with noise[t]: (T,). Each rank computes its slice; a sum joins them."""
-        rank, world = self.world()
-        mine = torch.arange(self.T).tensor_split(world)[rank]
-        x = x_star.expand(len(mine), *x_star.shape[1:])
+        """L_t(x*) for t = 0..T-1 with noise[t]: (T,). Each rank computes a slice; a sum joins
+        them."""
+        rank, size = world()
+        mine = torch.arange(self.T).tensor_split(size)[rank]          # this rank's timesteps
+        t = mine.to(x_star.device)
         full = torch.zeros(self.T, device=x_star.device)
-        full[mine.to(x_star.device)] = self._chunked(x, mine.to(x_star.device), noise[mine].to(x_star.device))
-        return self._all_reduce(full).double().cpu()
+        full[t] = self._chunked(x_star.expand(len(t), *x_star.shape[1:]), t,
+                                noise[mine].to(x_star.device))
+        return all_reduce(full).double().cpu()
 
     def _chunked(self, x, t, noise):
         """vlb_fn over chunks of probe_batch forwards, to bound memory."""
-        chunks = zip(x.split(self.probe_batch), t.split(self.probe_batch), noise.split(self.probe_batch))
+        chunks = zip(x.split(self.probe_batch), t.split(self.probe_batch),
+                     noise.split(self.probe_batch))
         return torch.cat([self.vlb_fn(xc, tc, nc).float() for xc, tc, nc in chunks])
 
     def _push_queue(self, delta):
@@ -643,39 +620,54 @@ class AdaptiveTimestepSampler:
         self.queue_x = torch.cat([self.queue_x, delta[None]])[-self.queue_size:]
         self.queue_y = torch.cat([self.queue_y, delta.sum()[None]])[-self.queue_size:]
         if len(self.queue_y) >= 3:
-            self.S = self.f_scores(self.queue_x, self.queue_y).topk(self.num_selected).indices.sort().values
+            scores = self.f_scores(self.queue_x, self.queue_y)
+            self.S = scores.topk(self.num_selected).indices.sort().values
+
+    @staticmethod
+    def f_scores(X, y):
+        """Univariate F-statistic of y on each column of X (sklearn's f_regression): [T].
+
+        F_t = r_t^2 / (1 - r_t^2) (n - 2), r_t the Pearson correlation; a constant column scores 0.
+        """
+        Xc, yc = X - X.mean(0), y - y.mean()
+        denom = Xc.norm(dim=0) * yc.norm()
+        r = torch.where(denom > 0, (Xc * yc[:, None]).sum(0) / denom.clamp(min=1e-300),
+                        torch.zeros_like(denom))
+        r2 = (r**2).clamp(max=1 - 1e-12)
+        return r2 / (1 - r2) * (len(y) - 2)
 
     def _learn(self, x0, t, reward):
         """One REINFORCE step on the policy (ATS Eq. 13); returns where the policy stood."""
         with torch.autocast(x0.device.type, enabled=False):
-            logp = self.log_probs(x0)                                        # (B, T), with grad
+            logp = self.log_probs(x0)                                  # (B, T), with grad
         loss = self.policy_loss(logp, t, reward.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p in self.policy.parameters():
-            p.grad = self._all_reduce(p.grad) / self.world()[1]
+        for p in self.policy.parameters():                             # the mean over ranks
+            p.grad = all_reduce(p.grad) / world()[1]
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
         self.opt.step()
-        p = logp.detach().exp()                                              # pi before this step: (B, T)
+        p = logp.detach().exp()                                        # pi before the step: (B, T)
         entropy = -(p * logp.detach()).sum(1)
-        return {"p": p.mean(0).cpu(), "reward": reward.mean().item(), "entropy": entropy.mean().item()}
+        return {"p": p.mean(0).cpu(), "reward": reward.mean().item(),
+                "entropy": entropy.mean().item()}
 
     def policy_loss(self, logp, t, reward):
-        """-mean_i[ log(T pi(t_i)) (r_i + c_ent (H_i - log T)) ]: the released code's objective.
+        """-mean_i[ log(T pi(t_i)) (r_i + c_ent (H_i - log T)) ] (ATS Eq. 13, discretised).
 
-        The released code multiplies the continuous Beta log-density by (reward + c_ent * entropy),
-        the entropy not detached. Both are 0 at uniform; their discrete counterparts here are
-        log(T pi(t)) and H - log T = -KL(pi || uniform). So the entropy acts only at third order near
-        uniform and the reward drives the policy. A separate bonus -c_ent H would pull the policy
-        back to uniform at first order and, against rewards of about 1e-4 bits/dim, pin it there.
+        log(T pi(t)) and H - log T = -KL(pi || uniform) are the discrete counterparts of the
+        continuous Beta's log-density and differential entropy: both are 0 at uniform. The entropy
+        is deliberately not detached; near uniform it then acts only at third order, so the
+        reward, not the entropy, moves the policy.
         """
-        log_ratio = logp + math.log(self.T)                                  # log(T pi(t)): (B, T), 0 at uniform
-        neg_kl = -(logp.exp() * log_ratio).sum(1)                            # H_i - log T: (B,)
-        return -(log_ratio.gather(1, t[:, None]).squeeze(1) * (reward + self.entropy_coef * neg_kl)).mean()
+        log_ratio = logp + math.log(self.T)                  # log(T pi(t)): (B, T), 0 at uniform
+        neg_kl = -(logp.exp() * log_ratio).sum(1)            # H_i - log T: (B,), not detached
+        chosen = log_ratio.gather(1, t[:, None]).squeeze(1)  # log(T pi(t_i)): (B,)
+        return -(chosen * (reward + self.entropy_coef * neg_kl)).mean()
 
     def state_dict(self):
-        return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
+        return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
+                "step": self.step, "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
                 "noise_gen": self.noise_gen.get_state()}
 
     def load_state_dict(self, state):
@@ -687,67 +679,31 @@ class AdaptiveTimestepSampler:
         self.queue_x, self.queue_y = state["queue_x"], state["queue_y"]
         self.noise_gen.set_state(state["noise_gen"])
 
-    @staticmethod
-    def policy_net(in_ch, width=256):
-        """x0 -> two raw numbers for (a, b): three conv/ReLU/max-pool layers, a 4x4 adaptive pool (so any
-        image size works), an MLP (released ATS code). Starts at softplus + 1e-5 = 1, i.e. exactly uniform."""
-        layers, c = [], in_ch
-        for c_out in (32, 64, 128):
-            layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
-            c = c_out
-        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, width), nn.ReLU(),
-                            nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
-        nn.init.zeros_(net[-1].weight)
-        nn.init.constant_(net[-1].bias, math.log(math.expm1(1 - 1e-5)))
-        return net
 
-    @staticmethod
-    def f_scores(X, y):
-        """Univariate F-statistic of y on each column of X (sklearn's f_regression): [T].
-
-        F_t = r_t^2 / (1 - r_t^2) * (n - 2), r_t the Pearson correlation; zero-variance columns score 0.
-        """
-        Xc, yc = X - X.mean(0), y - y.mean()
-        denom = Xc.norm(dim=0) * yc.norm()
-        r = torch.where(denom > 0, (Xc * yc[:, None]).sum(0) / denom.clamp(min=1e-300), torch.zeros_like(denom))
-        r2 = (r**2).clamp(max=1 - 1e-12)
-        return r2 / (1 - r2) * (len(y) - 2)
-
-    # -- the only communication: both are no-ops without a process group --
-
-    @staticmethod
-    def world():
-        """(rank, world size); (0, 1) without a process group."""
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    @classmethod
-    def _broadcast(cls, x):
-        """x as rank 0 has it, in place on every rank."""
-        if cls.world()[1] > 1:
-            dist.broadcast(x, src=0)
-        return x
-
-    @classmethod
-    def _all_reduce(cls, x):
-        """The sum of x over all ranks, in place on every rank."""
-        if cls.world()[1] > 1:
-            dist.all_reduce(x)
-        return x
+# -------------------------------------------------------------------------------------------------
+# 5. Training: the step (DDPM Algorithm 1 with t from the sampler) and the loop
+# -------------------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Training step and loop
-# ---------------------------------------------------------------------------------------------
+def pick_device(name="auto", local_rank=0):
+    """'auto', 'cuda' or 'cpu' -> torch.device; 'auto' takes the GPU when there is one."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"unknown device {name!r}: use 'auto', 'cuda' or 'cpu'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but no CUDA GPU is visible: use cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def autocast_dtype(device, amp="auto"):
-    """The autocast dtype: bf16 on CUDA where supported, else fp16; fp32 (None) on CPU by default."""
+    """The autocast dtype: bf16 on CUDA where supported, else fp16; None (off) on CPU by default."""
     if amp == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"unknown amp {amp!r}: use 'auto', 'bf16', 'fp16' or 'none'")
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -761,49 +717,58 @@ class Trainer:
     """Adam with linear warmup, grad clipping, fp32 EMA, AMP and (under torchrun) DDP.
 
     `train_step(x0)` is DDPM Algorithm 1 with t drawn by the sampler and the sampler's update
-    wrapped around the optimizer step (ATS Sec. 4, Eq. 12-14); `run` loops it. On CUDA the fast path
-    is on by default: channels_last, cuDNN autotuning and fused Adam. `loss_weights` ([T] or None)
-    multiplies the per-sample L_simple (Min-SNR, P2, ...); ATS itself uses none.
+    wrapped around the optimizer step (ATS Sec. 4, Eq. 12-14); `run` loops it. On CUDA the fast
+    path is on by default: channels_last, cuDNN autotuning and fused Adam. `loss_weights` ([T] or
+    None) multiplies the per-sample L_simple (Min-SNR, P2, ...); ATS itself uses none.
     """
 
-    def __init__(self, model, diffusion, sampler, *, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
-                 amp="auto", compile=False, loss_weights=None, seed=0, channels_last=None):
+    def __init__(self, model, diffusion, sampler, *, lr=2e-4, warmup=5000, grad_clip=1.0,
+                 ema_decay=0.9999, amp="auto", compile=False, loss_weights=None, seed=0,
+                 channels_last=None):
+        if not all(math.isfinite(v) and v > 0 for v in (lr, grad_clip)):
+            raise ValueError(f"lr and grad_clip must be finite and positive, got {lr}, {grad_clip}")
+        if warmup < 0 or not 0 <= ema_decay <= 1:
+            raise ValueError(f"warmup must be >= 0 and ema_decay in [0, 1], "
+                             f"got {warmup}, {ema_decay}")
         self.model, self.diffusion, self.sampler = model, diffusion, sampler
-        self.lr, self.warmup, self.grad_clip, self.ema_decay, self.amp = lr, warmup, grad_clip, ema_decay, amp
+        self.lr, self.warmup, self.grad_clip, self.ema_decay = lr, warmup, grad_clip, ema_decay
+        self.amp = amp
         self.device = next(model.parameters()).device
+        self.amp_dtype = autocast_dtype(self.device, amp)
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.backends.cudnn.benchmark = True                            # fixed shapes: autotune the convs
+            torch.backends.cudnn.benchmark = True                      # fixed shapes: autotune
         use_cl = cuda if channels_last is None else channels_last
         self.layout = torch.channels_last if use_cl else torch.contiguous_format
         model.to(memory_format=self.layout)
-        self.ema = copy.deepcopy(model).requires_grad_(False).eval()         # updated in place, never trained
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()   # updated in place only
         self.net = model
-        rank, world = AdaptiveTimestepSampler.world()                        # (0, 1) without a process group
-        if world > 1:
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None)
+        rank, size = world()
+        if size > 1:
+            ids = [self.device.index] if cuda else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if compile:
             self.net = torch.compile(self.net)
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr, fused=cuda)  # fused: one kernel for all params
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr, fused=cuda)  # fused: one kernel
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.warmup_factor)
-        self.amp_dtype = autocast_dtype(self.device, amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
         self.loss_weights = None if loss_weights is None else loss_weights.to(self.device)
-        self.generator = torch.Generator(self.device).manual_seed(seed + rank)  # t and noise; saved for resume
+        self.generator = torch.Generator(self.device).manual_seed(seed + rank)  # t and noise
         self.step = 0
-        self.sampler_stats = {}                                              # the sampler's last update, if any
+        self.sampler_stats = {}                              # the sampler's last update, if any
 
     def warmup_factor(self, step):
         return min(1.0, (step + 1) / max(1, self.warmup))
 
     def train_step(self, x0):
-        """One step on a batch in [-1, 1]; returns the unweighted batch-mean L_simple (a 0-dim tensor)."""
+        """One step on a batch in [-1, 1]; returns the unweighted batch-mean L_simple (0-dim)."""
         x0 = x0.contiguous(memory_format=self.layout)
-        t = self.sampler.sample(x0, generator=self.generator)                # t_i ~ pi(. | x0_i), ATS Eq. 11
+        t = self.sampler.sample(x0, generator=self.generator)            # t_i ~ pi(.|x0_i), Eq. 11
         noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
         with autocast(self.device, self.amp):
-            losses = self.diffusion.loss(self.net, x0, t, noise)             # L_simple per sample: (B,)
-        weights = self.sampler.weights(t)                                    # ones for ATS and uniform
+            losses = self.diffusion.loss(self.net, x0, t, noise)         # L_simple: (B,)
+        weights = self.sampler.weights(t)                                # ones for ATS, uniform
         if self.loss_weights is not None:
             weights = weights * self.loss_weights[t]
         loss = (weights * losses).mean()
@@ -811,8 +776,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        with self.sampler.around_update(x0, t, losses.detach()) as stats:   # ATS: probe, update, probe, learn
-            self.scaler.step(self.opt)
+        with self.sampler.around_update(x0, t, losses.detach()) as stats:  # ATS: probe, update,
+            self.scaler.step(self.opt)                                     # probe, learn
             self.scaler.update()
             self.sched.step()
             self.update_ema()
@@ -822,7 +787,7 @@ class Trainer:
 
     @torch.no_grad()
     def update_ema(self):
-        """ema <- decay * ema + (1 - decay) * model; a plain copy at the first step. No host sync."""
+        """ema <- decay ema + (1 - decay) model; a plain copy at the first step. No host sync."""
         ema, params = list(self.ema.parameters()), list(self.model.parameters())
         if self.step == 0:
             torch._foreach_copy_(ema, params)
@@ -836,7 +801,7 @@ class Trainer:
         """
         batches = iter(batches)
         while self.step < steps:
-            self.batch = next(batches).to(self.device, non_blocking=True)    # kept for check_loss
+            self.batch = next(batches).to(self.device, non_blocking=True)  # kept for check_loss
             yield self.train_step(self.batch)
 
     @torch.no_grad()
@@ -846,19 +811,17 @@ class Trainer:
         Its own generator, seeded by the step, leaves the training streams untouched.
         """
         gen = torch.Generator(self.device).manual_seed(self.step)
-        self.model.eval()
-        try:
-            t = torch.randint(0, self.diffusion.T, (x0.shape[0],), generator=gen, device=self.device)
+        with evaluating(self.model):
+            t = torch.randint(0, self.diffusion.T, x0.shape[:1], generator=gen, device=self.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
             with autocast(self.device, self.amp):
                 return self.diffusion.loss(self.model, x0.to(self.device), t, noise).mean().item()
-        finally:
-            self.model.train()
 
     def state_dict(self):
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(), "step": self.step}
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
+                "generator": self.generator.get_state(), "step": self.step}
 
     def load_state_dict(self, state):
         """Restore a saved state; the learning rate stays the one this trainer was built with."""
@@ -868,16 +831,17 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         self.sched.base_lrs = [self.lr] * len(self.opt.param_groups)
         for group in self.opt.param_groups:
-            group["initial_lr"], group["lr"] = self.lr, self.lr * self.warmup_factor(self.sched.last_epoch)
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * self.warmup_factor(self.sched.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         self.step = state["step"]
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Checkpoints: plain dicts, written atomically, read with weights_only=True
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# 6. Checkpoints: plain dicts, written atomically, read with weights_only=True
+# -------------------------------------------------------------------------------------------------
 
 CKPT_FORMAT, CKPT_VERSION = "ats-checkpoint", 2
 
@@ -901,22 +865,29 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, trainer, config, extra=None):
-    """Write {trainer state, model arguments, run config, extra, format, version} via a temporary file + rename.
+    """Write the trainer's state, the model's arguments, the run config and `extra` atomically:
+    to a temporary file, then renamed. A failed write removes the temporary file and re-raises.
 
-    'unet' and 'diffusion' hold the constructors' arguments: UNet(**ckpt['unet']) rebuilds the model.
+    'unet' and 'diffusion' hold the constructors' arguments: UNet(**ckpt['unet']) rebuilds it.
     """
     ckpt = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "unet": trainer.model.config,
             "diffusion": trainer.diffusion.config, "config": dict(config), "extra": extra or {},
             "rng": rng_state(), **trainer.state_dict()}
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by save_checkpoint; raises CheckpointError with the fix if it can't."""
+    """Read a checkpoint written by save_checkpoint; raises CheckpointError with the fix if not."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path!r}: check the path (train.py writes <out-dir>/ckpt.pt)")
+        raise CheckpointError(f"no checkpoint at {path!r}: check the path "
+                              "(train.py writes <out-dir>/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -925,13 +896,15 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path!r} is not an ats checkpoint: it was not written by train.py")
     if ckpt.get("version") != CKPT_VERSION:
-        raise CheckpointError(f"{path!r} has checkpoint version {ckpt.get('version')}, this code reads "
-                              f"version {CKPT_VERSION}: use the version of ats that wrote it, or retrain")
+        raise CheckpointError(f"{path!r} has checkpoint version {ckpt.get('version')}, this code "
+                              f"reads version {CKPT_VERSION}: use the version of ats that wrote "
+                              "it, or retrain")
     return ckpt
 
 
 def load_model(ckpt, device, ema=True):
-    """(eps_theta in eval mode, diffusion) rebuilt from a loaded checkpoint alone; the EMA weights unless ema=False."""
+    """(eps_theta in eval mode, diffusion), rebuilt from a loaded checkpoint alone; the EMA
+    weights unless ema=False."""
     model = UNet(**ckpt["unet"])
     model.load_state_dict(ckpt["ema" if ema else "model"])
     return model.to(device).eval(), GaussianDiffusion(**ckpt["diffusion"]).to(device)

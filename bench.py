@@ -1,21 +1,27 @@
-"""What ATS costs per step, and what it buys against uniform sampling and the heuristics, on the machine at hand.
+"""What ATS costs per step, and what it buys against uniform sampling, a placebo and the heuristics
+people use instead, measured on the machine at hand.
 
-    python bench.py speed                        # per-step time, uniform vs ATS (tiny on CPU, cifar10 on CUDA)
-    python bench.py speed --T 1000 --batch-size 128 --update-every 40 --num-selected 3
-    python bench.py converge                     # uniform, ATS and heuristics on sklearn's 8x8 digits, 3 seeds
-    python bench.py converge --variants all      # every named variant
-    python bench.py converge --long              # 500 policy updates: uniform, ATS, ATS with the old entropy bonus
-    python bench.py report runs/a runs/b --out runs/ab   # one table from runs made apart (e.g. a seed each)
+    python bench.py speed                  # per-step cost of ATS over uniform, and images/s
+    python bench.py converge --quick       # the whole study in miniature, in about 3 minutes
+    python bench.py converge               # uniform, ATS, its placebo and log-normal on 8x8 digits
+    python bench.py converge --long        # the head-to-head: 500 sampler updates, 3 seeds
+    python bench.py converge --long --resume --out runs/bench   # continue an interrupted study
+    python bench.py report runs/a runs/b --out runs/ab          # one table from runs made apart
 
-Trainers are built by train.build and driven by Trainer.run, so the bench times and trains exactly what
-train.py trains. Wall-clock numbers count training steps only; evaluation is excluded.
+converge needs scikit-learn (the digits) and torch-fidelity (KID and FD); matplotlib draws its
+curves. Trainers are built by train.build and driven by Trainer.run, so the bench trains exactly
+what train.py trains. Training time counts training steps only, never evaluation.
 """
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -25,9 +31,11 @@ import torch.nn.functional as F
 import ats
 import train
 
-# ---------------------------------------------------------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -------------------------------------------------------------------------------------------------
 # Shared helpers
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def parse_overrides(text):
@@ -40,23 +48,35 @@ def parse_overrides(text):
 
 
 def make_config(preset, overrides):
-    """train.Config as train.py resolves it (defaults, preset, then overrides given as strings or values)."""
+    """train.Config as train.py resolves it: defaults, preset, then overrides (strings or values).
+    """
     defaults = train.Config()
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(defaults)})
     if unknown:
-        raise SystemExit(f"error: unknown config key(s) {unknown}: see `python train.py --help` for the names")
+        raise SystemExit(f"error: unknown config key(s) {unknown}: see `python train.py --help`")
     values = dict(overrides)
     for key, value in values.items():
         kind = type(getattr(defaults, key))
         if isinstance(value, str) and kind is not str:
-            values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            try:
+                values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            except ValueError:
+                raise SystemExit(f"error: {key}={value} is not a {kind.__name__}") from None
     cfg = train.resolve({"preset": preset, **values})
     train.check(cfg, world=1)
     return cfg
 
 
+def build(cfg, device, **kw):
+    """train.build, with its setting errors as one line."""
+    try:
+        return train.build(cfg, device, **kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def timer(device):
-    """A function that runs fn() and returns its seconds: CUDA events on a GPU, perf_counter elsewhere."""
+    """A function that runs fn() and returns its seconds: CUDA events on a GPU, else wall-clock."""
     if device.type != "cuda":
         def run(fn):
             t0 = time.perf_counter()
@@ -79,21 +99,41 @@ def mean_std(xs):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def random_batch(cfg, device):
     gen = torch.Generator().manual_seed(cfg.seed)
-    return (torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1).to(device)
+    shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+    return (torch.rand(shape, generator=gen) * 2 - 1).to(device)
 
 
-# ---------------------------------------------------------------------------------------------
+def provenance(device):
+    """What a result was made with: the code (a hash of the sources, and the commit if git knows
+    it), torch, the device and the command line."""
+    digest = hashlib.sha256()
+    for name in ("ats.py", "heuristics.py", "train.py", "bench.py"):
+        with open(os.path.join(HERE, name), "rb") as f:
+            digest.update(f.read())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"code": digest.hexdigest()[:16], "commit": commit, "torch": torch.__version__,
+            "device": device_name(device), "argv": sys.argv[1:]}
+
+
+# -------------------------------------------------------------------------------------------------
 # speed: per-step wall time of uniform vs ATS, interleaved, amortised over full f_S cycles
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def speed(args, device):
-    """Interleave uniform and ATS cycles (A B A B) after a warm-up cycle each; print the breakdown."""
+    """Interleave uniform and ATS cycles (A B A B) after a warm-up cycle each; print the breakdown.
+    """
     over = {"T": args.T, "batch_size": args.batch_size, "update_every": args.update_every,
             "num_selected": args.num_selected}
     over = {key: value for key, value in over.items() if value is not None}
@@ -101,16 +141,17 @@ def speed(args, device):
         over = {"T": 200, "batch_size": 16, "update_every": 10, **over}
     cfg = make_config(args.preset, {**over, **parse_overrides(args.set)})
     time_it, every = timer(device), cfg.update_every
-    trainers = {s: train.build(dataclasses.replace(cfg, sampler=s), device) for s in ("uniform", "ats")}
+    trainers = {s: build(dataclasses.replace(cfg, sampler=s), device) for s in ("uniform", "ats")}
     x0 = random_batch(cfg, device)
-    cycle = lambda trainer: [time_it(lambda: trainer.train_step(x0)) for _ in range(every)]  # probe step first
-    for trainer in trainers.values():                                        # warm-up
+    cycle = lambda trainer: [time_it(lambda: trainer.train_step(x0)) for _ in range(every)]
+    for trainer in trainers.values():                               # warm-up; probe step first
         cycle(trainer)
     cycles = {name: [] for name in trainers}
     for _ in range(args.cycles):
         for name, trainer in trainers.items():
             cycles[name].append(cycle(trainer))
-    policy_s = statistics.median(time_it(lambda: trainers["ats"].sampler.sample(x0)) for _ in range(20))
+    policy = trainers["ats"].sampler
+    policy_s = statistics.median(time_it(lambda: policy.sample(x0)) for _ in range(20))
     return report_speed(cfg, cycles, policy_s, device)
 
 
@@ -119,87 +160,95 @@ def report_speed(cfg, cycles, policy_s, device):
     per_step = {n: statistics.median(sum(c) / len(c) for c in cs) for n, cs in cycles.items()}
     ordinary = statistics.median(t for c in cycles["ats"] for t in c[1:])
     uniform = statistics.median(t for c in cycles["uniform"] for t in c)
-    probe = statistics.median((c[0] - statistics.median(c[1:] or [0.0])) / sum(c) for c in cycles["ats"])
-    fwd = 2 * (cfg.T + cfg.batch_size * cfg.num_selected) / (cfg.update_every * 3 * cfg.batch_size)
-    out = {"device": device_name(device), "T": cfg.T, "B": cfg.batch_size, "f_S": cfg.update_every,
-           "S": cfg.num_selected, "uniform_s": per_step["uniform"], "ats_s": per_step["ats"],
+    probe = statistics.median((c[0] - statistics.median(c[1:] or [0.0])) / sum(c)
+                              for c in cycles["ats"])
+    B, T, f_S, k = cfg.batch_size, cfg.T, cfg.update_every, cfg.num_selected
+    fwd = 2 * (T + B * k) / (f_S * 3 * B)
+    out = {"device": device_name(device), "T": T, "B": B, "f_S": f_S, "S": k,
+           "uniform_s": per_step["uniform"], "ats_s": per_step["ats"],
            "ratio": per_step["ats"] / per_step["uniform"], "probe_share": probe,
-           "policy_ms_ordinary_step": 1e3 * (ordinary - uniform), "policy_ms_forward": 1e3 * policy_s,
+           "policy_ms_ordinary_step": 1e3 * (ordinary - uniform),
+           "policy_ms_forward": 1e3 * policy_s,
            "probe_forward_overhead": fwd, "cycles": len(cycles["ats"])}
-    print(f"speed on {out['device']}: T={cfg.T} B={cfg.batch_size} f_S={cfg.update_every} |S|={cfg.num_selected}, "
-          f"{out['cycles']} interleaved cycles of {cfg.update_every} steps each after warm-up")
-    print(f"  median time per step  uniform {1e3 * out['uniform_s']:.1f} ms   ats {1e3 * out['ats_s']:.1f} ms "
-          "(amortised over full f_S cycles, probes included)")
+    print(f"speed on {out['device']}, torch {torch.__version__}: T={T} B={B} f_S={f_S} |S|={k}, "
+          f"{out['cycles']} interleaved cycles of {f_S} steps each after warm-up")
+    print(f"  median time per step  uniform {1e3 * out['uniform_s']:.1f} ms   "
+          f"ats {1e3 * out['ats_s']:.1f} ms (amortised over full f_S cycles, probes included)")
     print(f"  ratio ats/uniform     {out['ratio']:.3f}")
-    print(f"  probe share of ats    {100 * out['probe_share']:.1f}% of its cycle time (probe before/after + policy "
-          f"update), i.e. +{100 * out['probe_share'] * out['ratio']:.1f}% over uniform; counting forwards "
-          f"predicts +{100 * fwd:.1f}% = 2(T+B|S|)/(3B f_S)")
-    print(f"  policy net, ordinary  {out['policy_ms_ordinary_step']:+.2f} ms per step (ats minus uniform median), "
-          f"policy forward + draw alone {out['policy_ms_forward']:.2f} ms")
+    print(f"  probe share of ats    {100 * probe:.1f}% of its cycle time (probe before/after + "
+          f"policy update), i.e. +{100 * probe * out['ratio']:.1f}% over uniform; counting "
+          f"forwards predicts +{100 * fwd:.1f}% = 2(T+B|S|)/(3B f_S)")
+    print(f"  policy net, ordinary  {out['policy_ms_ordinary_step']:+.2f} ms per step (ats minus "
+          f"uniform median), policy forward + draw alone {out['policy_ms_forward']:.2f} ms")
     return out
 
 
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # throughput: images/s of uniform training, one row per step of the fast path, and a profile
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
-# Dense peak TFLOP/s (bf16, fp32 with TF32) from NVIDIA datasheets; first substring of the name wins.
-PEAK_TFLOPS = {"H200": (989, 494), "H100 PCIe": (756, 378), "H100": (989, 494), "A100": (312, 156),
-               "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35)}
+# Dense peak TFLOP/s (bf16, fp32 with TF32) from NVIDIA datasheets; the first name found wins.
+PEAK_TFLOPS = {"H200": (989, 494), "H100 PCIe": (756, 378), "H100": (989, 494),
+               "A100": (312, 156), "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35)}
 
 # (label, amp, channels_last, compile): eager baselines, then the fast path one step at a time.
-SETTINGS = [("eager bf16, NCHW", "bf16", False, False), ("eager fp32+TF32, NCHW", "none", False, False),
-            ("bf16 + channels_last", "bf16", True, False), ("bf16 + channels_last + compile", "bf16", True, True),
+SETTINGS = [("eager bf16, NCHW", "bf16", False, False),
+            ("eager fp32+TF32, NCHW", "none", False, False),
+            ("bf16 + channels_last", "bf16", True, False),
+            ("bf16 + channels_last + compile", "bf16", True, True),
             ("eager bf16, NCHW (again)", "bf16", False, False)]
 
 
 def throughput(cfg, device, warmup, steps, try_compile, profile_path):
-    """Images/s of uniform training per setting (cuDNN autotuning and fused Adam are on for every CUDA row)."""
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
+    """Images/s of uniform training per setting (cuDNN autotuning and fused Adam are on for every
+    CUDA row)."""
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 already
     name = device_name(device)
     peak = next((p for key, p in PEAK_TFLOPS.items() if key in name), None)
     flops = flops_per_image(cfg, device)
-    print(f"throughput on {name}, torch {torch.__version__}, B={cfg.batch_size}, {warmup} warm-up and {steps} timed "
-          f"steps per row; {flops / 1e9:.1f} GFLOP per image (fwd+bwd); dense peak "
-          + (f"bf16 {peak[0]} / tf32 {peak[1]} TFLOP/s" if peak else "unknown for this device"))
+    print(f"throughput on {name}, torch {torch.__version__}, B={cfg.batch_size}, {warmup} warm-up "
+          f"and {steps} timed steps per row; {flops / 1e9:.1f} GFLOP per image (fwd+bwd); dense "
+          "peak " + (f"bf16 {peak[0]} / tf32 {peak[1]} TFLOP/s" if peak else "unknown here"))
     rows = []
     for label, amp, channels_last, compiled in SETTINGS:
         if compiled and not try_compile:
             continue
         try:
-            trainer = train.build(dataclasses.replace(cfg, sampler="uniform", amp=amp, compile=compiled), device,
-                                  channels_last=channels_last)
+            setting = dataclasses.replace(cfg, sampler="uniform", amp=amp, compile=compiled)
+            trainer = train.build(setting, device, channels_last=channels_last)
             x0 = random_batch(cfg, device)
             for _ in range(warmup):
                 trainer.train_step(x0)
             seconds = timer(device)(lambda t=trainer, x=x0: [t.train_step(x) for _ in range(steps)])
-        except Exception as e:  # one failing setting (a compile toolchain problem, say) must not cost the others
+        except Exception as e:  # a failing setting (a compile toolchain, say) costs only its row
             print(f"  {label:34s} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         ips = cfg.batch_size * steps / seconds
         tflops = flops * ips / 1e12
         frac = f"{100 * tflops / peak[0 if amp == 'bf16' else 1]:5.1f}% of peak" if peak else ""
         print(f"  {label:34s} {ips:9.1f} images/s {tflops:7.2f} TFLOP/s {frac}")
-        rows.append({"label": label, "amp": amp, "channels_last": channels_last, "compile": compiled,
-                     "images_s": ips, "tflops": tflops})
+        rows.append({"label": label, "amp": amp, "channels_last": channels_last,
+                     "compile": compiled, "images_s": ips, "tflops": tflops})
     if profile_path and rows:
         save_profile(trainer, x0, profile_path, device)
     return rows
 
 
 def flops_per_image(cfg, device):
-    """FLOPs of one training step of the U-Net (forward and backward) per image, counted by torch."""
+    """FLOPs of one training step of the U-Net (forward and backward) per image, as torch counts.
+    """
     from torch.utils.flop_counter import FlopCounterMode
-    trainer = train.build(dataclasses.replace(cfg, sampler="uniform", amp="none"), device)
+    trainer = build(dataclasses.replace(cfg, sampler="uniform", amp="none"), device)
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(random_batch(cfg, device))
     return counter.get_total_flops() / cfg.batch_size
 
 
 def save_profile(trainer, x0, path, device):
-    """The top kernels of 10 steps of the last setting (casts, transposes, norms, convs), as a text table."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                          if device.type == "cuda" else [])
+    """The top kernels of 10 steps of the last setting, as a text table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(10):
             trainer.train_step(x0)
@@ -210,43 +259,27 @@ def save_profile(trainer, x0, path, device):
     print(f"  profile of the last row: {path}")
 
 
-# ---------------------------------------------------------------------------------------------
-# converge: data, the feature classifier, the Fréchet distance
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# converge: the data, and a sample metric whose own noise is measured
+# -------------------------------------------------------------------------------------------------
 
-# The converge model: a small U-Net on 8x8x1 digits, T=1000 linear, EMA decay for a short run.
+# The converge model: a small U-Net on 8x8x1 digits, T=1000 linear, an EMA decay for short runs.
 DIGITS = {"image_size": 8, "channels": 1, "ch": 32, "ch_mult": "1,2", "num_res": 1, "attn_res": "4",
-          "dropout": 0.1, "T": 1000, "schedule": "linear", "batch_size": 64, "lr": 1e-3, "warmup": 100,
-          "ema_decay": 0.995, "amp": "none", "compile": False}
+          "dropout": 0.1, "T": 1000, "schedule": "linear", "batch_size": 64, "lr": 1e-3,
+          "warmup": 100, "ema_decay": 0.995, "amp": "none", "compile": False}
 
 
-class BonusEntropySampler(ats.AdaptiveTimestepSampler):
-    """ATS with a separate entropy bonus, -mean(r log pi(t)) - c_ent mean(H): the objective this project
-    used before it adopted the released code's. Kept to reproduce that comparison."""
-
-    def policy_loss(self, logp, t, reward):
-        entropy = -(logp.exp() * logp).sum(1)
-        return -(reward * logp.gather(1, t[:, None]).squeeze(1)).mean() - self.entropy_coef * entropy.mean()
-
-
-# Named variants: train.Config overrides, plus `sampler_cls` for an ATS subclass.
-VARIANTS = {
-    "uniform": {"sampler": "uniform"},
-    "ats-paper": {"sampler": "ats"},
-    "min-snr": {"sampler": "uniform", "weighting": "min-snr"},
-    "lognormal": {"sampler": "lognormal"},
-    "p2": {"sampler": "uniform", "weighting": "p2"},
-    "speed": {"sampler": "speed", "weighting": "speed"},
-    "lsm": {"sampler": "loss-second-moment"},
-    "ats-min-snr": {"sampler": "ats", "weighting": "min-snr"},
-    "ats-bonus": {"sampler": "ats", "sampler_cls": BonusEntropySampler},
-}
-DEFAULT_VARIANTS = "uniform,ats-paper,min-snr,lognormal"
-ALL_VARIANTS = "uniform,ats-paper,min-snr,lognormal,p2,speed,lsm,ats-min-snr"
+def need(module, package, purpose):
+    """Stop with one line if an optional package is missing."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"error: converge needs {package} for {purpose}: pip install {package}")
 
 
 def load_digits_split(test_fraction=1 / 6):
-    """sklearn's 8x8 digits in [-1, 1] as (N, 1, 8, 8), split once into train and held-out test."""
+    """sklearn's 8x8 digits in [-1, 1] as (N, 1, 8, 8) with labels, split once (seed 0): the
+    diffusion model trains on the first part (1,498 images); the held-out part (299) gives the
+    NLL images and trains the feature network."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / digits.images.max() * 2 - 1
@@ -257,74 +290,168 @@ def load_digits_split(test_fraction=1 / 6):
 
 
 class DigitClassifier(nn.Module):
-    """Two conv layers and an MLP; `features` is the penultimate layer the Fréchet distance uses."""
+    """Two conv layers and an MLP; `features` is the penultimate layer the sample metric uses."""
 
     def __init__(self, in_ch, n_classes, width=64):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, width), nn.ReLU())
+            nn.Conv2d(in_ch, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, width), nn.ReLU())
         self.head = nn.Linear(width, n_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
 
 
-def get_classifier(train_set, test_set, path, epochs=20, seed=0):
-    """Train the feature classifier once (seeded) and cache it at `path`, so every run shares it."""
-    x, y = train_set
+def feature_net(held_out, unseen, path, epochs=60, seed=0):
+    """The classifier whose features the sample metric uses: trained (seeded) on the held-out split
+    only, and cached at `path`. Returns it, its accuracy on `unseen` (the diffusion model's
+    training images, which it never sees) and a hash of its weights."""
+    x, y = held_out
     torch.manual_seed(seed)
-    clf = DigitClassifier(x.shape[1], int(y.max()) + 1)
+    net = DigitClassifier(x.shape[1], int(y.max()) + 1)
     if os.path.isfile(path):
-        clf.load_state_dict(torch.load(path, weights_only=True))
+        net.load_state_dict(torch.load(path, weights_only=True))
     else:
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=gen).split(64):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(clf(x[idx]), y[idx]).backward()
+                F.cross_entropy(net(x[idx]), y[idx]).backward()
                 opt.step()
-        torch.save(clf.state_dict(), path)
-    clf.eval()
+        torch.save(net.state_dict(), path)
+    net.eval()
+    digest = hashlib.sha256()
     with torch.no_grad():
-        acc = (clf(test_set[0]).argmax(1) == test_set[1]).float().mean().item()
-    return clf, acc
+        acc = (net(unseen[0]).argmax(1) == unseen[1]).float().mean().item()
+        for value in net.state_dict().values():
+            digest.update(value.numpy().tobytes())
+    return net, acc, digest.hexdigest()[:16]
 
 
-def frechet_distance(f1, f2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two feature sets, in float64."""
-    f1, f2 = f1.double(), f2.double()
-    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
-    vals, vecs = torch.linalg.eigh(s1)
-    root1 = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    tr_sqrt = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+def kid_fd(a, b):
+    """KID (unbiased, cubic polynomial kernel, one estimate over the whole sets) and the Fréchet
+    distance between two feature sets of equal size, both computed by torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+    a, b = a.double().cpu(), b.double().cpu()
+    kid = kid_features_to_metric(a, b, kid_subsets=1, kid_subset_size=len(a), verbose=False)
+    stats = [fid_features_to_statistics(f) for f in (a, b)]
+    fd = next(iter(fid_statistics_to_metric(*stats, False).values()))
+    return {"kid": kid[KEY_METRIC_KID_MEAN], "fd": fd}
+
+
+class SampleMetric:
+    """KID (the headline) and FD of n images against n fixed real ones, in the feature network's
+    penultimate features, standardised by the real images' mean and std per feature. `noise`
+    measures the metric between real sets: the reference every difference is read against."""
+
+    def __init__(self, net, real, n, seed=0):
+        self.net, self.n = net, n
+        with torch.no_grad():
+            feats = net.features(real)                                     # (N, width)
+        self.keep = feats.std(0) > 1e-6                                    # dead ReLUs say nothing
+        self.mean, self.std = feats[:, self.keep].mean(0), feats[:, self.keep].std(0)
+        self.real = self.standardise(feats)
+        self.reference = self.real[torch.randperm(len(real), generator=seeded(seed))[:n]]
+
+    def standardise(self, feats):
+        return (feats[:, self.keep] - self.mean) / self.std
+
+    @torch.no_grad()
+    def __call__(self, images):
+        return kid_fd(self.standardise(self.net.features(images)), self.reference)
+
+    def noise(self, draws=10, seed=1):
+        """Mean and std of KID and FD between two disjoint random sets of n real images."""
+        gen, values = seeded(seed), []
+        for _ in range(draws):
+            perm = torch.randperm(len(self.real), generator=gen)
+            values.append(kid_fd(self.real[perm[:self.n]], self.real[perm[self.n:2 * self.n]]))
+        return {"draws": draws, "n": self.n,
+                **{key: mean_std([v[key] for v in values]) for key in ("kid", "fd")}}
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
 
 
 class Evaluator:
-    """Held-out NLL bound (fixed test images, fixed noise) and classifier-feature FD of DDIM samples,
-    both from the EMA weights."""
+    """Held-out NLL bound (fixed images, fixed noise) and the sample metric of DDIM samples, both
+    from the EMA weights."""
 
-    def __init__(self, test_x, classifier, n_nll, n_samples, ddim_steps):
-        self.nll_x, self.classifier = test_x[:n_nll], classifier
-        self.n_samples, self.ddim_steps = n_samples, ddim_steps
-        with torch.no_grad():
-            self.test_features = classifier.features(test_x)
+    def __init__(self, nll_x, metric, ddim_steps):
+        self.nll_x, self.metric, self.ddim_steps = nll_x, metric, ddim_steps
 
     @torch.no_grad()
     def __call__(self, trainer):
-        ema, device = trainer.ema, trainer.device
-        gen = torch.Generator().manual_seed(0)                                 # the same draws every time
-        nll = trainer.diffusion.nll_bpd(ema, self.nll_x.to(device), batch_size=1000, generator=gen).mean()
-        shape = (self.n_samples, *self.nll_x.shape[1:])
-        samples = trainer.diffusion.ddim_sample(ema, shape, steps=self.ddim_steps, generator=gen).cpu()
-        return {"nll": nll.item(), "fd": frechet_distance(self.classifier.features(samples), self.test_features)}
+        ema, diffusion, gen = trainer.ema, trainer.diffusion, seeded(0)  # the same draws each time
+        nll = diffusion.nll_bpd(ema, self.nll_x.to(trainer.device), batch_size=1000, generator=gen)
+        shape = (self.metric.n, *self.nll_x.shape[1:])
+        samples = diffusion.ddim_sample(ema, shape, steps=self.ddim_steps, generator=gen).cpu()
+        return {"nll": nll.mean().item(), **self.metric(samples)}
 
 
-# ---------------------------------------------------------------------------------------------
-# converge: one training run, evaluated at regular checkpoints
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# converge: the variants, and one training run evaluated at regular steps
+# -------------------------------------------------------------------------------------------------
+
+
+class PlaceboSampler(ats.AdaptiveTimestepSampler):
+    """ATS with the same probes, rewards and costs, but its REINFORCE step scores fresh draws
+    t'_i ~ pi(. | x0_i) in place of the t_i the model was trained on. Its reward then says nothing
+    about t', so whatever it gains over uniform comes from drift, not from learning."""
+
+    def __init__(self, *args, seed=0, device=None, **kw):
+        super().__init__(*args, seed=seed, device=device, **kw)
+        self.placebo_gen = torch.Generator(device or "cpu").manual_seed(seed + 1)
+
+    def _learn(self, x0, t, reward):
+        return super()._learn(x0, self.sample(x0, generator=self.placebo_gen), reward)
+
+
+class BonusEntropySampler(ats.AdaptiveTimestepSampler):
+    """ATS with a separate entropy bonus, -mean(r log pi(t)) - c_ent mean(H): the objective this
+    project used before it adopted the released code's. Kept to reproduce that comparison."""
+
+    def policy_loss(self, logp, t, reward):
+        entropy = -(logp.exp() * logp).sum(1)
+        chosen = logp.gather(1, t[:, None]).squeeze(1)
+        return -(reward * chosen).mean() - self.entropy_coef * entropy.mean()
+
+
+# Named variants: train.Config overrides, plus `sampler_cls` for an ATS subclass.
+VARIANTS = {
+    "uniform": {"sampler": "uniform"},
+    "ats-paper": {"sampler": "ats"},
+    "ats-placebo": {"sampler": "ats", "sampler_cls": PlaceboSampler},
+    "min-snr": {"sampler": "uniform", "weighting": "min-snr"},
+    "lognormal": {"sampler": "lognormal"},
+    "p2": {"sampler": "uniform", "weighting": "p2"},
+    "speed": {"sampler": "speed", "weighting": "speed"},
+    "lsm": {"sampler": "loss-second-moment"},
+    "ats-min-snr": {"sampler": "ats", "weighting": "min-snr"},
+    "ats-bonus": {"sampler": "ats", "sampler_cls": BonusEntropySampler},
+}
+DEFAULT_VARIANTS = "uniform,ats-paper,ats-placebo,lognormal"
+ALL_VARIANTS = "uniform,ats-paper,ats-placebo,min-snr,lognormal,p2,speed,lsm,ats-min-snr"
+STUDY_VARIANTS = "uniform,ats-paper,ats-placebo,lsm,lognormal,speed"
+
+
+def parse_variants(names, extra):
+    """The variants to run: named ones ('all' for ALL_VARIANTS), plus `name:key=value,...`."""
+    names = ALL_VARIANTS if names == "all" else names
+    chosen = {}
+    for name in names.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r}: choose from {sorted(VARIANTS)} "
+                             "or define one with --variant")
+        chosen[name] = dict(VARIANTS[name])
+    for spec in extra:
+        name, _, text = spec.partition(":")
+        chosen[name] = {"sampler": "ats", **parse_overrides(text)}
+    return chosen
 
 
 def batches(x, batch_size, gen):
@@ -335,228 +462,383 @@ def batches(x, batch_size, gen):
                 yield x[idx]
 
 
-def train_run(cfg, sampler_cls, train_x, evaluate, steps, n_evals, device):
-    """One run; data order, initial weights and training noise depend on cfg.seed only, not on the variant.
-    Returns the curve (step, training seconds, nll, fd) and the policy's record (ATS only)."""
-    trainer = train.build(cfg, device, sampler_cls=sampler_cls)
-    data = batches(train_x, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
-    checkpoints = {round(steps * (i + 1) / n_evals) for i in range(n_evals)}
-    log, curve, seconds = train.SamplerLog(cfg.heatmap_height), [], 0.0
+def eval_steps(steps, n_evals):
+    return sorted({round(steps * (i + 1) / n_evals) for i in range(n_evals)})
+
+
+def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
+    """One run, evaluated at the steps in `evals`. Data order, initial weights and training noise
+    depend on cfg.seed only, not on the variant. Returns the run's record and, for ATS, the
+    policy's history for the heatmap. Training time is counted both as the process's CPU seconds
+    (robust to other processes sharing the machine) and as wall-clock seconds."""
+    trainer = build(cfg, device, sampler_cls=sampler_cls)
+    data = batches(train_x, cfg.batch_size, seeded(cfg.seed))
+    log, curve, cpu, wall = train.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tic = time.perf_counter()
-    for _ in trainer.run(data, steps):
+    tic = time.process_time(), time.perf_counter()
+    for _ in trainer.run(data, evals[-1]):
         sync()
-        seconds += time.perf_counter() - tic                                   # training time only
+        cpu, wall = cpu + time.process_time() - tic[0], wall + time.perf_counter() - tic[1]
         if trainer.sampler_stats:
             log.record(trainer.step - 1, trainer.sampler_stats, cfg.update_every)
-        if trainer.step in checkpoints:
-            curve.append({"step": trainer.step, "seconds": seconds, **evaluate(trainer)})
-        tic = time.perf_counter()
-    return {"curve": curve, "quarters": log.summary.get("quarters")}, log.history
+        if trainer.step in evals:
+            curve.append({"step": trainer.step, "cpu_seconds": cpu, "wall_seconds": wall,
+                          **evaluate(trainer)})
+        tic = time.process_time(), time.perf_counter()
+    last_p = log.history[-1] if log.history else None
+    final_p = None if last_p is None else [float(f"{v:.6g}") for v in last_p.tolist()]
+    record = {"config": dataclasses.asdict(cfg), "curve": curve,
+              "quarters": log.summary.get("quarters"), "final_p": final_p}
+    return record, log.history
 
 
-# ---------------------------------------------------------------------------------------------
-# converge: the study, its summary, its table and its plots
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# converge: the study, resumable, written after every run
+# -------------------------------------------------------------------------------------------------
 
 
-def parse_variants(names, extra):
-    """The variants to run: named ones from VARIANTS ('all' for ALL_VARIANTS), plus `name:key=value,...`."""
-    names = ALL_VARIANTS if names == "all" else names
-    chosen = {}
-    for name in names.split(","):
-        if name not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {name!r}: choose from {sorted(VARIANTS)} or define one "
-                             "with --variant")
-        chosen[name] = dict(VARIANTS[name])
-    for spec in extra:
-        name, _, text = spec.partition(":")
-        chosen[name] = {"sampler": "ats", **parse_overrides(text)}
-    return chosen
+def check_converge_args(args, n_train, n_held_out):
+    problems = [
+        (min(args.seeds, args.steps, args.evals, args.ddim_steps) < 1,
+         "--seeds, --steps, --evals and --ddim-steps must be at least 1"),
+        (args.evals > args.steps, "--evals cannot exceed --steps"),
+        (not 1 <= args.nll_images <= n_held_out, f"--nll-images must be in [1, {n_held_out}]"),
+        (not 2 <= args.samples <= n_train // 2,
+         f"--samples must be in [2, {n_train // 2}]: the metric's noise is measured between two "
+         f"disjoint sets of that many of the {n_train} training images"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"error: {message}")
 
 
 def converge(args, device):
-    """Train every variant for every seed (seed-major, so load drifts hit all variants alike); report."""
-    try:
-        train_set, test_set = load_digits_split()
-    except ImportError:
-        print("converge skipped: scikit-learn is not installed (pip install scikit-learn); it provides the digits")
-        return None
-    os.makedirs(args.out, exist_ok=True)
+    """Train every variant for every seed (seed-major, so load drifts hit all variants alike);
+    results.json is rewritten after every run, and --resume skips the runs it already holds."""
+    need("sklearn", "scikit-learn", "the digits")
+    need("torch_fidelity", "torch-fidelity", "KID and FD")
+    (train_x, train_y), held_out = load_digits_split()
+    check_converge_args(args, len(train_x), len(held_out[0]))
     variants = parse_variants(args.variants, args.variant)
     base = {**DIGITS, **({"update_every": 20} if args.long else {}), **parse_overrides(args.set)}
-    configs = {name: make_config(args.preset, {**base, **{k: v for k, v in over.items() if k != "sampler_cls"}})
+    configs = {name: make_config(args.preset, {**base, **{k: v for k, v in over.items()
+                                                           if k != "sampler_cls"}})
                for name, over in variants.items()}
-    clf, acc = get_classifier(train_set, test_set, os.path.join(args.out, "classifier.pt"))
-    with torch.no_grad():
-        floor = frechet_distance(clf.features(train_set[0]), clf.features(test_set[0]))
-    print(f"digits: {len(train_set[0])} train / {len(test_set[0])} test; feature classifier test accuracy "
-          f"{100 * acc:.1f}%; real-vs-real FD floor (train vs test features) {floor:.2f}", flush=True)
-    evaluate = Evaluator(test_set[0], clf, args.nll_images, args.samples, args.ddim_steps)
-    runs = []
+    path = os.path.join(args.out, "results.json")
+    if os.path.exists(path) and not args.resume:
+        raise SystemExit(f"error: {path} exists: pass --resume to continue that study, or choose "
+                         "another --out")
+    previous = read_results(args.out) if args.resume and os.path.exists(path) else None
+    os.makedirs(args.out, exist_ok=True)
+    net, accuracy, net_hash = feature_net(held_out, (train_x, train_y),
+                                          os.path.join(args.out, "feature_net.pt"))
+    metric = SampleMetric(net, train_x, args.samples)
+    results = {
+        "steps": args.steps, "evals": eval_steps(args.steps, args.evals),
+        "config": dataclasses.asdict(make_config(args.preset, base)),
+        "eval": {"train_images": len(train_x), "held_out_images": len(held_out[0]),
+                 "nll_images": args.nll_images, "samples": args.samples,
+                 "ddim_steps": args.ddim_steps, "feature_net": net_hash,
+                 "feature_net_accuracy": accuracy},
+        "noise": metric.noise(), "clock": "cpu_seconds" if device.type == "cpu" else "wall_seconds",
+        "provenance": provenance(device), "variants": list(variants), "runs": [], "complete": False}
+    if previous is not None:
+        same_study(previous, results, f"{args.out} and this command")
+        results["runs"] = previous["runs"]
+        results["variants"] = list(dict.fromkeys(previous["variants"] + results["variants"]))
+    print(header(results), flush=True)
+    evaluate = Evaluator(held_out[0][:args.nll_images], metric, args.ddim_steps)
+    done = {(r["variant"], r["seed"]) for r in results["runs"]}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, over in variants.items():
+            if (name, seed) in done:
+                print(f"  {name:14s} seed {seed}: already in {path}", flush=True)
+                continue
             cfg = dataclasses.replace(configs[name], seed=seed)
             sampler_cls = over.get("sampler_cls", ats.AdaptiveTimestepSampler)
-            result, history = train_run(cfg, sampler_cls, train_set[0], evaluate, args.steps, args.evals, device)
-            runs.append({"variant": name, "seed": seed, **result})
-            last = result["curve"][-1]
-            print(f"  {name:14s} seed {seed}: NLL {last['nll']:.3f} bpd  FD {last['fd']:.2f}  "
-                  f"train {last['seconds']:.1f} s  quarters {result['quarters']}", flush=True)
+            record, history = train_run(cfg, sampler_cls, train_x, evaluate, results["evals"],
+                                        device)
+            results["runs"].append({"variant": name, "seed": seed, **record})
+            last = record["curve"][-1]
+            print(f"  {name:14s} seed {seed}: NLL {last['nll']:.3f} bpd  "
+                  f"KID x1e3 {1e3 * last['kid']:.2f}  FD {last['fd']:.2f}  "
+                  f"train {last[results['clock']]:.1f} s  quarters {record['quarters']}",
+                  flush=True)
             if history:  # rows = sampler updates, columns = timesteps
                 train.save_heatmap(history, os.path.join(args.out, f"policy_{name}_seed{seed}.png"),
                                    cfg.heatmap_height, cfg.heatmap_range)
-    results = {"config": dataclasses.asdict(make_config(args.preset, base)), "variants": list(variants),
-               "steps": args.steps, "classifier_accuracy": acc, "fd_floor": floor, "runs": runs}
+            write_report(results, args.out, quiet=True)
+    results["complete"] = True
     return write_report(results, args.out)
 
 
-def summarise(runs, names):
-    """Mean and std across seeds at every checkpoint, and the wall-clock speed-up against uniform."""
-    summary = {}
-    for name in names:
-        curves = [r["curve"] for r in runs if r["variant"] == name]
-        points = []
-        for i, point in enumerate(curves[0]):
-            row = {"step": point["step"]}
-            for key in ("seconds", "nll", "fd"):
-                row[key], row[key + "_std"] = mean_std([c[i][key] for c in curves])
-            points.append(row)
-        summary[name] = {"points": points, "seeds": [r["seed"] for r in runs if r["variant"] == name],
-                         "quarters": [r["quarters"] for r in runs if r["variant"] == name]}
-    if "uniform" in summary:
-        final = summary["uniform"]["points"][-1]
-        for s in summary.values():
-            s["speedup"] = {key: time_to_reach(s["points"], key, final[key], final["seconds"])
-                            for key in ("nll", "fd")}
-    return summary
-
-
-def time_to_reach(points, key, target, total):
-    """Mean training seconds at the first checkpoint whose mean `key` <= target, over `total`; None if never."""
-    return next((p["seconds"] / total for p in points if p[key] <= target), None)
-
-
-def write_report(results, out):
-    """results.json, results.md (the final table and every checkpoint, mean ± std across seeds), curves.png."""
-    results["summary"] = summary = summarise(results["runs"], results["variants"])
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    pm = lambda m, s, f: f"{m:{f}} ± {s:{f}}"
-    lines = [f"Digits 8x8, {results['steps']} steps; FD floor (train vs test) {results['fd_floor']:.2f}; "
-             f"classifier accuracy {100 * results['classifier_accuracy']:.1f}%.",
-             "Speed-up: training seconds a variant needs to reach uniform's final mean value, divided by "
-             "uniform's total (< 1 is faster; checked at checkpoints only).", "",
-             "| variant | seeds | NLL bpd | FD | train s | speed-up NLL | speed-up FD | quarter masses |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, s in summary.items():
-        p, up = s["points"][-1], s.get("speedup", {})
-        fmt = lambda v: "not reached" if v is None else f"{v:.2f}"
-        quarters = " / ".join(" ".join(f"{m:.2f}" for m in q) for q in s["quarters"] if q) or "-"
-        lines.append(f"| {name} | {','.join(map(str, s['seeds']))} | {pm(p['nll'], p['nll_std'], '.3f')} | "
-                     f"{pm(p['fd'], p['fd_std'], '.2f')} | {pm(p['seconds'], p['seconds_std'], '.1f')} | "
-                     f"{fmt(up.get('nll'))} | {fmt(up.get('fd'))} | {quarters} |")
-    lines += ["", "| variant | step | train s | NLL bpd | FD |", "|---|---|---|---|---|"]
-    for name, s in summary.items():
-        for p in s["points"]:
-            lines.append(f"| {name} | {p['step']} | {p['seconds']:.1f} | {pm(p['nll'], p['nll_std'], '.3f')} | "
-                         f"{pm(p['fd'], p['fd_std'], '.2f')} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
-    save_curves(summary, os.path.join(out, "curves.png"))
+def read_results(folder):
+    path = os.path.join(folder, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        if not isinstance(results["runs"], list) or "code" not in results["provenance"]:
+            raise KeyError("provenance")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is missing or was "
+                         "not written by this version of bench.py converge") from None
     return results
 
 
-def save_curves(summary, path):
-    """curves.png: mean NLL (top) and FD (bottom) against steps (left) and training seconds (right)."""
+def same_study(a, b, what):
+    """Refuse to combine results that measured different things, or were made by other code."""
+    for key, label in (("steps", "steps"), ("evals", "evaluation steps"), ("config", "base config"),
+                       ("eval", "evaluation settings"), ("clock", "clock")):
+        if a.get(key) != b.get(key):
+            raise SystemExit(f"error: {what} differ in their {label}; combine only like with like")
+    for key, label in (("code", "code version"), ("device", "device or thread count")):
+        if a["provenance"].get(key) != b["provenance"].get(key):
+            values = f"{a['provenance'].get(key)} vs {b['provenance'].get(key)}"
+            raise SystemExit(f"error: {what} differ in their {label} ({values}); combine only runs "
+                             "of one code on one kind of machine")
+
+
+# -------------------------------------------------------------------------------------------------
+# converge: the summary, its tables and its plots
+# -------------------------------------------------------------------------------------------------
+
+METRICS = ("nll", "kid", "fd")
+
+
+def summarise(results):
+    """Mean and std across seeds at every evaluation step, and where each variant first reaches
+    uniform's final mean: its step, training seconds and their ratio to uniform's."""
+    clock, summary = results["clock"], {}
+    for name in results["variants"]:
+        runs = [r for r in results["runs"] if r["variant"] == name]
+        if not runs:
+            continue
+        points = []
+        for i, step in enumerate(results["evals"]):
+            row = {"step": step}
+            for key, source in (("seconds", clock), *((m, m) for m in METRICS)):
+                row[key], row[key + "_std"] = mean_std([r["curve"][i][source] for r in runs])
+            points.append(row)
+        summary[name] = {"points": points, "seeds": [r["seed"] for r in runs],
+                         "quarters": [r["quarters"] for r in runs],
+                         "final_p": [r["final_p"] for r in runs]}
+    if "uniform" in summary:
+        final = summary["uniform"]["points"][-1]
+        for s in summary.values():
+            s["reach"] = {}
+            for key in METRICS:
+                p = next((p for p in s["points"] if p[key] <= final[key]), None)
+                s["reach"][key] = p and {"step": p["step"], "seconds": p["seconds"],
+                                         "ratio": p["seconds"] / final["seconds"]}
+    return summary
+
+
+def header(results):
+    """What was measured, how, and the metric's own noise: printed first, and atop results.md."""
+    e, n, p = results["eval"], results["noise"], results["provenance"]
+    clock = "CPU seconds of the process" if results["clock"] == "cpu_seconds" else "wall-clock"
+    return "\n".join([
+        f"Digits 8x8: the diffusion model trains on {e['train_images']} images for "
+        f"{results['steps']} steps; evaluations at steps {', '.join(map(str, results['evals']))}.",
+        f"NLL: the bound in bits/dim on {e['nll_images']} held-out images, fixed noise. Sample "
+        f"metric: KID (unbiased, cubic kernel; the headline) and FD of {e['samples']} DDIM-"
+        f"{e['ddim_steps']} samples against {e['samples']} fixed training images, in the "
+        f"standardised features of a classifier trained on the {e['held_out_images']} held-out "
+        f"images only ({100 * e['feature_net_accuracy']:.1f}% accurate on the training images, "
+        "which it never sees).",
+        f"Real vs real, the metric's own noise (two disjoint sets of {n['n']} training images, "
+        f"{n['draws']} draws, mean ± std): KID x1e3 {fmt_kid(*n['kid'])}, FD {n['fd'][0]:.2f} ± "
+        f"{n['fd'][1]:.2f}. Read every difference below against it.",
+        f"train s: {clock} spent in training steps (evaluation excluded). Code {p['code']} "
+        f"(commit {(p['commit'] or 'unknown')[:10]}), torch {p['torch']}, {p['device']}."])
+
+
+def fmt_kid(mean, std):
+    """KID, in units of 1e-3 (the tables say KID x1e3)."""
+    return f"{1e3 * mean:.2f} ± {1e3 * std:.2f}"
+
+
+def write_report(results, out, quiet=False):
+    """results.json (written atomically), results.md, curves.png and policies.png."""
+    summary = summarise(results)
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    pm = lambda m, s, f: f"{m:{f}} ± {s:{f}}"
+    reach = lambda r: "not reached" if r is None else f"{r['step']} ({r['ratio']:.2f})"
+    lines = [header(results), "",
+             "Final values: mean ± std over seeds. 'Reaches uniform's final': the first evaluation "
+             "step at which the variant's mean is at or below uniform's final mean, and (in "
+             "brackets) its training seconds there over uniform's total.", "",
+             "| variant | seeds | NLL bpd | KID x1e3 | FD | train s | reaches uniform's final NLL "
+             "| ... KID | ... FD | final quarter masses |", "|---" * 10 + "|"]
+    for name, s in summary.items():
+        p, r = s["points"][-1], s.get("reach", {})
+        quarters = " / ".join(" ".join(f"{m:.2f}" for m in q) for q in s["quarters"] if q) or "-"
+        lines.append(f"| {name} | {','.join(map(str, s['seeds']))} | "
+                     f"{pm(p['nll'], p['nll_std'], '.3f')} | {fmt_kid(p['kid'], p['kid_std'])} | "
+                     f"{pm(p['fd'], p['fd_std'], '.2f')} | "
+                     f"{pm(p['seconds'], p['seconds_std'], '.0f')} | {reach(r.get('nll'))} | "
+                     f"{reach(r.get('kid'))} | {reach(r.get('fd'))} | {quarters} |")
+    lines += ["", "Every evaluation step:", "",
+              "| variant | step | train s | NLL bpd | KID x1e3 | FD |", "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        for p in s["points"]:
+            lines.append(f"| {name} | {p['step']} | {p['seconds']:.0f} | "
+                         f"{pm(p['nll'], p['nll_std'], '.3f')} | {fmt_kid(p['kid'], p['kid_std'])}"
+                         f" | {pm(p['fd'], p['fd_std'], '.2f')} |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if not quiet:
+        print("\n".join(lines[1:]))
+    plot(summary, results, out, quiet)
+    return {**results, "summary": summary}
+
+
+def plot(summary, results, out, quiet):
+    """curves.png: NLL, KID and FD (mean ± std over seeds) against steps and training seconds,
+    with the real-vs-real band; policies.png: each ATS run's final T pi(t)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+        if not quiet:
+            print("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for row, key in zip(axes, ("nll", "fd")):
+    labels = {"nll": "held-out NLL bound (bits/dim)", "kid": "KID (classifier features)",
+              "fd": "FD (classifier features)"}
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10))
+    for row, key in zip(axes, METRICS):
         for ax, axis in zip(row, ("step", "seconds")):
             for name, s in summary.items():
-                ax.plot([p[axis] for p in s["points"]], [p[key] for p in s["points"]], marker="o", label=name)
+                ax.errorbar([p[axis] for p in s["points"]], [p[key] for p in s["points"]],
+                            yerr=[p[key + "_std"] for p in s["points"]], marker="o", ms=3,
+                            capsize=2, label=name)
+            if key in results["noise"]:
+                mean, std = results["noise"][key]
+                ax.axhspan(mean - std, mean + std, color="grey", alpha=0.25, label="real vs real")
             ax.set_xlabel("training steps" if axis == "step" else "training seconds")
-            ax.set_ylabel("held-out NLL bound (bits/dim)" if key == "nll" else "FD (classifier features)")
+            ax.set_ylabel(labels[key])
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+    policies = {n: s for n, s in summary.items() if any(s["final_p"])}
+    if not policies:
+        return
+    fig, axes = plt.subplots(1, len(policies), figsize=(5 * len(policies), 3.5), squeeze=False)
+    for ax, (name, s) in zip(axes[0], policies.items()):
+        for seed, p in zip(s["seeds"], s["final_p"]):
+            ax.plot([v * len(p) for v in p], label=f"seed {seed}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{name}: final policy")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("T pi(t), batch mean (1 = uniform)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "policies.png"), dpi=100)
     plt.close(fig)
 
 
 def merge(args):
-    """One report from several converge output folders (for example one seed each, run side by side)."""
-    parts = []
-    for folder in args.folders:
-        try:
-            with open(os.path.join(folder, "results.json")) as f:
-                parts.append(json.load(f))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read {folder}/results.json ({type(e).__name__}): "
-                             "run converge there first") from None
-    if len({p["steps"] for p in parts}) > 1 or len({json.dumps(p["config"]) for p in parts}) > 1:
-        raise SystemExit("error: the folders ran different steps or base configs; merge only like with like")
+    """One report, with the policy heatmaps, from several converge folders (for example a seed or
+    a few variants each, run side by side). Refuses folders that measured differently, ran other
+    code, or repeat a run."""
+    parts = [read_results(folder) for folder in args.folders]
+    for folder, part in zip(args.folders[1:], parts[1:]):
+        same_study(parts[0], part, f"{args.folders[0]} and {folder}")
+    runs, seen = [], {}
+    for folder, part in zip(args.folders, parts):
+        for run in part["runs"]:
+            key = (run["variant"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"error: {run['variant']} seed {run['seed']} is in both "
+                                 f"{seen[key]} and {folder}: a run may be counted once")
+            seen[key] = folder
+            runs.append(run)
+    for run in runs:
+        first = next(r for r in runs if r["variant"] == run["variant"])
+        if {**first["config"], "seed": 0} != {**run["config"], "seed": 0}:
+            raise SystemExit(f"error: variant {run['variant']} was run with different settings in "
+                             "different folders: give them different names")
+    inputs = {os.path.realpath(f) for f in args.folders}
+    if os.path.realpath(args.out) in inputs:
+        raise SystemExit("error: --out is one of the folders being merged: choose a new folder")
     os.makedirs(args.out, exist_ok=True)
-    variants = list(dict.fromkeys(v for p in parts for v in p["variants"]))  # union, in order of appearance
-    return write_report({**parts[0], "variants": variants, "runs": [r for p in parts for r in p["runs"]]}, args.out)
+    for folder in args.folders:                          # the policy heatmaps come along
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("policy_") and name.endswith(".png"):
+                shutil.copy2(os.path.join(folder, name), args.out)
+    variants = list(dict.fromkeys(v for p in parts for v in p["variants"]))
+    merged = {**parts[0], "variants": variants, "runs": runs,
+              "complete": all(p.get("complete") for p in parts),
+              "merged_from": [os.path.abspath(f) for f in args.folders]}
+    return write_report(merged, args.out)
 
 
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # CLI
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
-QUICK_CONVERGE = {"seeds": 1, "steps": 200, "evals": 2, "nll_images": 8, "samples": 200, "ddim_steps": 20}
-LONG_CONVERGE = {"seeds": 2, "steps": 10_000, "evals": 5, "variants": "uniform,ats-paper,ats-bonus"}
+QUICK_CONVERGE = {"seeds": 1, "steps": 200, "evals": 2, "nll_images": 8, "samples": 200,
+                  "ddim_steps": 20}
+LONG_CONVERGE = {"seeds": 3, "steps": 10_000, "evals": 5, "variants": STUDY_VARIANTS}
 
 
 def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--set", default="", help="train.Config overrides for every trainer, e.g. ch=64,dropout=0")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cuda", "cpu"))
+    common.add_argument("--set", default="",
+                        help="train.Config overrides for every trainer, e.g. ch=64,dropout=0")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("speed", parents=[common], help="per-step time, uniform vs ats; training throughput on CUDA")
-    s.add_argument("--preset", default=None, help="model preset (default: cifar10 on CUDA, tiny otherwise)")
+    s = sub.add_parser("speed", parents=[common],
+                       help="per-step time, uniform vs ats; training throughput on CUDA")
+    s.add_argument("--preset", default=None, help="model preset (default: cifar10 on CUDA, tiny)")
     s.add_argument("--T", type=int, help="diffusion steps (default: the preset's)")
     s.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
-    s.add_argument("--update-every", type=int, help="f_S, steps between sampler updates (default: the preset's)")
-    s.add_argument("--num-selected", type=int, help="|S|, timesteps in the reward (default: the preset's)")
-    s.add_argument("--cycles", type=int, default=3, help="timed f_S cycles per sampler, interleaved")
-    s.add_argument("--quick", action="store_true", help="small sizes for a CPU check (T=200, B=16, f_S=10)")
+    s.add_argument("--update-every", type=int, help="f_S, steps between sampler updates")
+    s.add_argument("--num-selected", type=int, help="|S|, timesteps in the reward")
+    s.add_argument("--cycles", type=int, default=3, help="timed f_S cycles per sampler")
+    s.add_argument("--quick", action="store_true", help="small sizes for a CPU check")
     s.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure images/s of training per setting (default: on CUDA only)")
-    s.add_argument("--tp-warmup", type=int, default=10, help="warm-up steps per throughput setting")
-    s.add_argument("--tp-steps", type=int, default=50, help="timed steps per throughput setting")
+    s.add_argument("--tp-warmup", type=int, default=10, help="warm-up steps per throughput row")
+    s.add_argument("--tp-steps", type=int, default=50, help="timed steps per throughput row")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="in the throughput table, also try torch.compile")
-    s.add_argument("--profile", default="docs/profile.txt", help="write a torch.profiler table here ('' for none)")
-    c = sub.add_parser("converge", parents=[common], help="uniform, ATS and heuristics on sklearn's 8x8 digits")
-    c.add_argument("--preset", default="tiny", help="base preset; the digits model settings override it")
+    s.add_argument("--profile", default="docs/profile.txt",
+                   help="write a torch.profiler table here ('' for none)")
+    c = sub.add_parser("converge", parents=[common],
+                       help="uniform, ATS, its placebo and heuristics on sklearn's 8x8 digits")
+    c.add_argument("--preset", default="tiny", help="base preset; the digits settings override it")
     c.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated names from {list(VARIANTS)}, or 'all' ({ALL_VARIANTS})")
     c.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="define an extra ATS variant, e.g. mine:entropy_coef=0,policy_lr=1e-3")
     c.add_argument("--seeds", type=int, default=3, help="seeds per variant")
-    c.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (use others to screen settings)")
+    c.add_argument("--first-seed", type=int, default=0, help="the seeds run from this one")
     c.add_argument("--steps", type=int, default=2000)
-    c.add_argument("--evals", type=int, default=4, help="evaluation checkpoints, evenly spaced")
-    c.add_argument("--nll-images", type=int, default=32, help="fixed held-out images for the NLL bound")
-    c.add_argument("--samples", type=int, default=300, help="DDIM samples for the Fréchet distance")
+    c.add_argument("--evals", type=int, default=4, help="evaluation points, evenly spaced")
+    c.add_argument("--nll-images", type=int, default=32, help="held-out images for the NLL bound")
+    c.add_argument("--samples", type=int, default=749,
+                   help="DDIM samples for KID and FD, and real images in their reference")
     c.add_argument("--ddim-steps", type=int, default=50)
-    c.add_argument("--quick", action="store_true", help="a small run in under 3 minutes")
-    c.add_argument("--long", action="store_true", help="500 policy updates: " + ", ".join(
-        f"{k}={v}" for k, v in LONG_CONVERGE.items()) + ", f_S = 20")
-    c.add_argument("--out", default="runs/bench", help="output directory")
-    r = sub.add_parser("report", help="one table from several converge output folders (same steps and base config)")
+    c.add_argument("--quick", action="store_true", help="a small run in under 3 minutes: " +
+                   ", ".join(f"{k}={v}" for k, v in QUICK_CONVERGE.items()))
+    c.add_argument("--long", action="store_true", help="the head-to-head, 500 sampler updates: " +
+                   ", ".join(f"{k}={v}" for k, v in LONG_CONVERGE.items()) + ", f_S=20")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the study in --out, skipping the runs it already holds")
+    c.add_argument("--out", default="runs/bench", help="output folder")
+    r = sub.add_parser("report", help="one table from several converge folders")
     r.add_argument("folders", nargs="+")
-    r.add_argument("--out", required=True, help="output directory for the merged report")
+    r.add_argument("--out", required=True, help="a new folder for the merged report")
     return p.parse_args(argv)
 
 
@@ -565,13 +847,18 @@ def main(argv=None):
     if args.command == "report":
         return merge(args)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no CUDA GPU is visible: use --device cpu")
     if args.command == "speed":
+        if args.cycles < 1 or args.tp_steps < 1 or args.tp_warmup < 0:
+            raise SystemExit("error: --cycles and --tp-steps must be at least 1, --tp-warmup >= 0")
         args.preset = args.preset or ("cifar10" if device.type == "cuda" else "tiny")
         result = speed(args, device)
         if args.throughput if args.throughput is not None else device.type == "cuda":
             over = {"batch_size": args.batch_size} if args.batch_size else {}
             cfg = make_config(args.preset, {**over, **parse_overrides(args.set)})
-            result["throughput"] = throughput(cfg, device, args.tp_warmup, args.tp_steps, args.compile, args.profile)
+            result["throughput"] = throughput(cfg, device, args.tp_warmup, args.tp_steps,
+                                              args.compile, args.profile)
         return result
     if args.quick or args.long:
         defaults = vars(parse_args(["converge"]))

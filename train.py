@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import ats
+import heuristics
 
 # ---------------------------------------------------------------------------------------------
 # Config: one dataclass, argparse generated from it, presets as named overrides
@@ -38,8 +39,6 @@ PRESETS = {
                  warmup=100, ema_decay=0.99, ch=32, ch_mult="1,2,2", num_res=1, attn_res="", dropout=0.0,
                  log_every=100, ckpt_every=500, sample_every=500, sample_steps=25, workers=0),
 }
-SAMPLERS = ("ats", "uniform", "lognormal", "speed", "loss-second-moment")
-WEIGHTINGS = ("none", "min-snr", "p2", "speed")
 
 
 def opt(default, doc, **argparse_kw):
@@ -84,8 +83,8 @@ class Config:
     grad_clip: float = opt(1.0, "gradient-norm clip")
     ema_decay: float = opt(0.9999, "EMA decay of the weights used for samples")
     # timestep sampler and loss weighting
-    sampler: str = opt("ats", "timestep sampler: ATS or a heuristic", choices=SAMPLERS)
-    weighting: str = opt("none", "weight on the per-sample L_simple", choices=WEIGHTINGS)
+    sampler: str = opt("ats", "timestep sampler: ATS or a heuristic", choices=("ats", *heuristics.SAMPLERS))
+    weighting: str = opt("none", "weight on the per-sample L_simple", choices=heuristics.WEIGHTINGS)
     update_every: int = opt(40, "f_S: ATS sampler update every this many steps")
     num_selected: int = opt(3, "|S|: timesteps in the ATS reward")
     queue_size: int = opt(20, "Q: queue of T-sweeps for the ATS feature selection")
@@ -317,9 +316,9 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
             policy_lr=cfg.policy_lr, entropy_coef=cfg.entropy_coef, policy_grad_clip=cfg.policy_grad_clip,
             probe_batch=cfg.probe_batch, seed=cfg.seed, device=device)
     else:
-        sampler = ats.make_sampler(cfg.sampler, cfg.T, diffusion.abar.cpu(), p_mean=cfg.lognormal_mean,
-                                   p_std=cfg.lognormal_std)
-    weights = ats.loss_weights(cfg.weighting, diffusion.abar.cpu(), snr_gamma=cfg.snr_gamma)
+        sampler = heuristics.make_sampler(cfg.sampler, cfg.T, diffusion.abar.cpu(), cfg.lognormal_mean,
+                                          cfg.lognormal_std)
+    weights = heuristics.loss_weights(cfg.weighting, diffusion.abar.cpu(), snr_gamma=cfg.snr_gamma)
     return ats.Trainer(model, diffusion, sampler, lr=cfg.lr, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
                        ema_decay=cfg.ema_decay, amp=cfg.amp, compile=cfg.compile, loss_weights=weights, seed=cfg.seed,
                        **trainer_kw)
