@@ -69,6 +69,11 @@ def randn(shape, generator=None, device=None):
     return torch.randn(shape, generator=generator).to(device)
 
 
+def image_generators(seed, indices):
+    """One generator per image index, so that image i's noise depends only on (seed, i)."""
+    return [torch.Generator().manual_seed(hash((seed, i))) for i in indices]
+
+
 def mean_flat(x):
     """Mean over every dimension but the batch: [B, ...] -> [B]."""
     return x.flatten(1).mean(1)
@@ -394,7 +399,7 @@ class UNet(nn.Module):
 #      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() and the EMA update
 #          optimizer.step()
 #    Under torchrun they talk only through the rank helpers below, which do nothing without a
-#    process group.
+#    process group; `evaluating` switches dropout off for the ATS probes.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -461,8 +466,8 @@ class UniformSampler(TimestepSampler):
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. The adaptive sampler (ATS Sec. 4). Needs only torch, the rank helpers above and a
-#    vlb_fn(x0, t, noise) -> [B]: copy the helpers and this class into any training loop.
+# 4. The adaptive sampler (ATS Sec. 4). Needs only torch, the four helpers above and a
+#    vlb_fn(x0, t, noise) -> [B]: copy them and this class into any training loop.
 # -------------------------------------------------------------------------------------------------
 
 

@@ -790,8 +790,8 @@ LONG_CONVERGE = {"seeds": 3, "steps": 10_000, "evals": 5, "variants": STUDY_VARI
 
 def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=("cuda", "cpu"))
+    common.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto takes the GPU when there is one")
     common.add_argument("--set", default="",
                         help="train.Config overrides for every trainer, e.g. ch=64,dropout=0")
     p = argparse.ArgumentParser(description=__doc__,
@@ -846,9 +846,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "report":
         return merge(args)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but no CUDA GPU is visible: use --device cpu")
+    try:
+        device = ats.pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}") from None
     if args.command == "speed":
         if args.cycles < 1 or args.tp_steps < 1 or args.tp_warmup < 0:
             raise SystemExit("error: --cycles and --tp-steps must be at least 1, --tp-warmup >= 0")

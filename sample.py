@@ -1,13 +1,15 @@
-"""Generate images from a train.py checkpoint: a grid, numbered PNGs for FID tools, or both.
+"""Generate images from a train.py checkpoint: a grid, a folder of numbered PNGs, and their FID.
 
     python sample.py --ckpt runs/cifar10/ckpt.pt --grid samples.png
-    python sample.py --ckpt runs/cifar10/ckpt.pt --n 50000 --out-dir samples/   # rerun to resume; raise --n to extend
-    python -m pytorch_fid samples/ path/to/cifar10-train-stats.npz              # or torch-fidelity
+    python sample.py --ckpt runs/cifar10/ckpt.pt --n 50000 --out-dir samples/ --fid cifar10-train
+    python sample.py --ckpt runs/cifar10/ckpt.pt --n 10000 --out-dir s/ --fid path/to/real/images
 
-The model is rebuilt from the checkpoint alone (it stores the U-Net's and the diffusion's arguments);
-the EMA weights are used unless --no-ema. Image i's noise depends only on (--seed, i), so a folder
-extended in several calls holds exactly the images one call would make. The folder's samples.json
-records the checkpoint, seed and method, and a call that would mix in other images is refused.
+The model is rebuilt from the checkpoint alone; the EMA weights are used unless --no-ema. Image
+i's noise depends only on (--seed, i), so a folder extended in several calls (rerun the command
+after an interruption, or raise --n) holds exactly the images one call would make. The folder's
+samples.json records where its images came from and how many are done; a folder whose images this
+script cannot vouch for is refused. --fid (pip install torch-fidelity) prints FID and KID of the
+folder and records them in its fid.json.
 """
 
 import argparse
@@ -15,77 +17,148 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
 import torch
 import torchvision
+from PIL import Image
 
 import ats
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. runs/cifar10/ckpt.pt")
-    p.add_argument("--n", type=int, default=64, help="images to make; with --out-dir, the total the folder should hold")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--n", type=int, default=64,
+                   help="images to make; with --out-dir, the total the folder should hold")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
-    p.add_argument("--grid", help="write the images made in this call as one grid PNG to this file")
-    p.add_argument("--out-dir", help="write numbered PNGs (000000.png, ...) here, continuing after the last one")
+    p.add_argument("--grid", help="write the images made in this call as one grid to this file")
+    p.add_argument("--out-dir", help="write numbered PNGs (000000.png, ...) here, continuing")
+    p.add_argument("--fid", metavar="REF",
+                   help="FID and KID of the --out-dir images against 'cifar10-train' (the "
+                        "standard reference) or a folder of real images")
+    p.add_argument("--data-dir", default="./data", help="where CIFAR-10 lives, for --fid")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps")
-    p.add_argument("--ddpm", action="store_true", help="full T-step ancestral DDPM sampling instead of DDIM")
-    p.add_argument("--seed", type=int, default=0, help="image i draws its noise from (seed, i) alone")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--ddpm", action="store_true", help="full T-step ancestral DDPM sampling")
+    p.add_argument("--seed", type=int, default=0, help="image i draws its noise from (seed, i)")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     return p.parse_args(argv)
 
 
-def check_paths(args):
-    """Refuse, before any sampling, outputs that cannot be written: one line each."""
-    if not args.grid and not args.out_dir:
+def check_args(args):
+    """Refuse, before any sampling, settings and outputs that cannot work: one line each."""
+    if not args.grid and args.out_dir is None:
         raise SystemExit("error: say where the images go: --grid FILE and/or --out-dir DIR")
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("error: --n and --batch-size must be at least 1")
+    if args.fid and not args.out_dir:
+        raise SystemExit("error: --fid scores the images of --out-dir: give --out-dir DIR")
     if args.grid:
-        folder = os.path.dirname(os.path.abspath(args.grid))
-        if os.path.isdir(args.grid):
-            raise SystemExit(f"error: --grid {args.grid} is a folder: give a file name such as samples.png")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise SystemExit(f"error: --grid {args.grid}: the folder {folder} does not exist or is not writable")
-    if args.out_dir:
-        existing = os.path.abspath(args.out_dir)
-        while not os.path.exists(existing):
+        check_grid_path(args.grid)
+    if args.out_dir is not None:
+        existing = os.path.abspath(args.out_dir) if args.out_dir else ""
+        while existing and not os.path.exists(existing):
             existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-            raise SystemExit(f"error: --out-dir {args.out_dir}: {existing} is not a writable folder")
+        if not existing or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            raise SystemExit(f"error: --out-dir {args.out_dir!r}: {existing or 'it'} is not a "
+                             "writable folder")
 
 
-def next_index(out_dir, made_from):
-    """The number after the highest NNNNNN.png in out_dir, after checking that it holds images of `made_from`."""
-    os.makedirs(out_dir, exist_ok=True)
+def check_grid_path(grid):
+    folder = os.path.dirname(os.path.abspath(grid))
+    ext = os.path.splitext(grid)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise SystemExit(f"error: --grid {grid}: unknown image type {ext or '(none)'}: "
+                         "end the name with .png or .jpg")
+    if os.path.exists(grid) and not os.path.isfile(grid):
+        raise SystemExit(f"error: --grid {grid} exists and is not a regular file: give a file name "
+                         "such as samples.png")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: --grid {grid}: the folder {folder} does not exist or is not "
+                         "writable")
+
+
+# -------------------------------------------------------------------------------------------------
+# The folder: numbered PNGs written atomically, vouched for by samples.json
+# -------------------------------------------------------------------------------------------------
+
+
+def open_folder(out_dir, made_from):
+    """How many images out_dir holds already, after checking that every one of them is there,
+    whole, and made as `made_from` says. Refuses, with one line, a folder it cannot vouch for."""
     record = os.path.join(out_dir, "samples.json")
-    if os.path.isfile(record):
+    if not os.path.exists(record):
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise SystemExit(f"error: {out_dir} holds files but no samples.json, so its images "
+                             "cannot be vouched for: use an empty or new --out-dir")
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(record, {**made_from, "count": 0})
+        return 0
+    try:
         with open(record) as f:
             old = json.load(f)
-        if old != made_from:
-            diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in made_from.items() if old.get(k) != v)
-            raise SystemExit(f"error: {out_dir} holds images made with {diff}: use another --out-dir")
-    else:
-        with open(record, "w") as f:
-            json.dump(made_from, f, indent=1)
-    taken = [int(m.group(1)) for f in os.listdir(out_dir) if (m := re.fullmatch(r"(\d+)\.png", f))]
-    return max(taken, default=-1) + 1
+        count = int(old.pop("count"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {record} is unreadable ({type(e).__name__}), so the folder's "
+                         "images cannot be vouched for: use a new --out-dir") from None
+    if old != made_from:
+        diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in made_from.items()
+                         if old.get(k) != v)
+        raise SystemExit(f"error: {out_dir} holds images made with {diff}: use another --out-dir")
+    names = set(os.listdir(out_dir))
+    for i in range(count):
+        name = f"{i:06d}.png"
+        if name not in names or not is_png(os.path.join(out_dir, name)):
+            raise SystemExit(f"error: {out_dir} should hold {count} images, but {name} is missing "
+                             "or broken: the folder was changed after it was written; use a new "
+                             "--out-dir")
+    ours = re.compile(r"(\d{6,})\.png")
+    for name in names:
+        m = ours.fullmatch(name)
+        if (m and int(m.group(1)) >= count) or name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))  # written by an interrupted call; made again
+        elif not m and os.path.splitext(name)[1].lower() in Image.registered_extensions():
+            raise SystemExit(f"error: {out_dir} holds {name}, which this script did not make; it "
+                             "would be counted in an FID: move it out, or use a new --out-dir")
+    return count
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but no CUDA GPU is visible: use --device cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def save_png(image, path):
+    """Write one image atomically: a crash leaves the old file or none, never half of one."""
+    torchvision.utils.save_image(image, path + ".tmp", format="png")
+    os.replace(path + ".tmp", path)
+
+
+# -------------------------------------------------------------------------------------------------
+# main
+# -------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_paths(args)
-    device = pick_device(args.device)
+    check_args(args)
+    try:
+        device = ats.pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}") from None
+    scorer = make_scorer(args, device) if args.fid else None          # fails now, not after hours
     try:
         ckpt = ats.load_checkpoint(args.ckpt)
         model, diffusion = ats.load_model(ckpt, device, ema=not args.no_ema)
@@ -94,44 +167,102 @@ def main(argv=None):
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise SystemExit(f"error: {args.ckpt!r} does not hold a model that this code can rebuild "
                          f"({type(e).__name__}: {str(e)[:200]})") from None
-    if not args.ddpm and not 1 <= args.steps <= diffusion.T:
-        raise SystemExit(f"error: --steps must be in [1, {diffusion.T}] (the model's T)")
+    if not args.ddpm:
+        try:
+            diffusion.ddim_timesteps(args.steps)
+        except ValueError as e:
+            raise SystemExit(f"error: --steps: {e}") from None
     method = "ddpm" if args.ddpm else f"ddim-{args.steps}"
     made_from = {"ckpt": os.path.abspath(args.ckpt), "step": ckpt["step"], "seed": args.seed,
                  "weights": "raw" if args.no_ema else "ema", "method": method}
-    first = next_index(args.out_dir, made_from) if args.out_dir else 0
+    shape = (model.config["in_ch"], model.config["image_size"], model.config["image_size"])
+    try:
+        first = open_folder(args.out_dir, made_from) if args.out_dir else 0
+        if args.fid and first > args.n:
+            raise SystemExit(f"error: {args.out_dir} holds {first} images, more than --n {args.n}:"
+                             f" the FID would count them all; pass --n {first} or more")
+        check_space(args, shape, args.n - first)
+        images = generate(args, model, diffusion, ckpt, made_from, first, shape, device)
+        if args.grid and images is not None:
+            torchvision.utils.save_image(images, args.grid, nrow=math.ceil(math.sqrt(len(images))))
+            print(f"wrote the grid {args.grid}")
+    except OSError as e:  # a read-only or full disk: every image written so far is whole
+        raise SystemExit(f"error: writing the images failed ({e.strerror or e}): make room or "
+                         "choose another place; the same command continues a folder") from None
+    if scorer is not None:
+        score(scorer, args, made_from)
+
+
+def make_scorer(args, device):
+    import fid
+    try:
+        return fid.Scorer(args.fid, data_dir=args.data_dir, device=device)
+    except fid.FidError as e:
+        raise SystemExit(f"error: --fid: {e}") from None
+
+
+def check_space(args, shape, todo):
+    """Refuse a folder or grid the disk cannot hold (PNGs take at most about C*H*W bytes each)."""
+    need = max(todo, 0) * (math.prod(shape) + 200) * (bool(args.out_dir) + bool(args.grid))
+    folder = args.out_dir or os.path.dirname(os.path.abspath(args.grid))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise SystemExit(f"error: {todo} images need up to {need / 1e6:.0f} MB, and {folder} has "
+                         f"{free / 1e6:.0f} MB free: make room or choose another place")
+
+
+def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
+    """Sample images first .. n-1 in batches, each image from its own noise; write them to the
+    folder as they come. Returns the images of this call (for the grid), or None if none."""
     todo = args.n - first if args.out_dir else args.n
     if todo <= 0:
-        print(f"{args.out_dir} already holds {first} images (--n {args.n}): nothing to do")
-        return
-    shape = (model.config["in_ch"], model.config["image_size"], model.config["image_size"])
+        print(f"{args.out_dir} already holds {first} images (--n {args.n}): none to make")
+        return None
     starts = range(first, first + todo, args.batch_size)
-    print(f"{todo} images from {args.ckpt} (step {ckpt['step']}, {made_from['weights']} weights), {method}, "
-          f"{len(starts)} batch(es)", flush=True)
+    print(f"{todo} images from {args.ckpt} (step {ckpt['step']}, {made_from['weights']} weights), "
+          f"{made_from['method']}, {len(starts)} batch(es)", flush=True)
     images, tic, tty = [], time.time(), sys.stdout.isatty()
     for b, start in enumerate(starts, start=1):
         index = range(start, min(start + args.batch_size, first + todo))
-        gens = [torch.Generator().manual_seed(hash((args.seed, i))) for i in index]   # noise per image index
-        progress = (lambda i, n, b=b: print(f"\rbatch {b}/{len(starts)}  step {i}/{n}  {time.time() - tic:.0f}s",
-                                            end="", flush=True)) if tty else None
+        progress = None
+        if tty:
+            progress = lambda i, n, b=b: print(f"\rbatch {b}/{len(starts)}  step {i}/{n}  "
+                                               f"{time.time() - tic:.0f}s", end="", flush=True)
+        gens, batch_shape = ats.image_generators(args.seed, index), (len(index), *shape)
         with torch.no_grad(), ats.autocast(device, ckpt["config"].get("amp", "auto")):
             if args.ddpm:
-                x = diffusion.ddpm_sample(model, (len(index), *shape), generator=gens, progress=progress)
+                x = diffusion.ddpm_sample(model, batch_shape, generator=gens, progress=progress)
             else:
-                x = diffusion.ddim_sample(model, (len(index), *shape), steps=args.steps, generator=gens,
+                x = diffusion.ddim_sample(model, batch_shape, steps=args.steps, generator=gens,
                                           progress=progress)
-        x = ((x.float() + 1) / 2).cpu()                                    # (b, C, H, W) in [0, 1]
+        x = ((x.float() + 1) / 2).cpu()                                  # (b, C, H, W) in [0, 1]
         if args.out_dir:
             for i, img in zip(index, x):
-                torchvision.utils.save_image(img, os.path.join(args.out_dir, f"{i:06d}.png"))
+                save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
+            record = os.path.join(args.out_dir, "samples.json")
+            write_json(record, {**made_from, "count": index[-1] + 1})          # these are done
         if args.grid:
             images.append(x)
-        print(("\n" if tty else "") + f"batch {b}/{len(starts)} done, {time.time() - tic:.0f}s", flush=True)
-    if args.grid:
-        grid = torch.cat(images)
-        torchvision.utils.save_image(grid, args.grid, nrow=math.ceil(math.sqrt(len(grid))))
-    print(f"wrote {todo} images{' to ' + args.out_dir if args.out_dir else ''}"
-          f"{' and the grid ' + args.grid if args.grid else ''} in {time.time() - tic:.0f}s")
+        print(("\n" if tty else "") + f"batch {b}/{len(starts)} done, {time.time() - tic:.0f}s",
+              flush=True)
+    where = f" to {args.out_dir}" if args.out_dir else ""
+    print(f"wrote {todo} images{where} in {time.time() - tic:.0f}s")
+    return torch.cat(images) if images else None
+
+
+def score(scorer, args, made_from):
+    """FID and KID of the folder against the reference, printed and written to fid.json."""
+    import fid
+    tic = time.time()
+    try:
+        result = scorer(args.out_dir)
+    except fid.FidError as e:
+        raise SystemExit(f"error: --fid: {e}") from None
+    result.update(samples=made_from, feature_extractor=fid.FEATURE_EXTRACTOR,
+                  torch_fidelity=scorer.tf.__version__, seconds=round(time.time() - tic, 1))
+    write_json(os.path.join(args.out_dir, "fid.json"), result)
+    print(f"FID {result['fid']:.3f}  KID {result['kid']:.5f} ± {result['kid_std']:.5f}  "
+          f"({result['n']} images against {args.fid}; {args.out_dir}/fid.json)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""Helpers and fixtures shared by the test files. The tests mirror the code:
+
+    test_ats.py          diffusion maths, U-Net, sampler API, ATS, Trainer, checkpoints
+    test_heuristics.py   loss weightings and the heuristic samplers
+    test_train.py        train.py: config, data, resume, safety, FID over training, torchrun
+    test_sample.py       sample.py: grids, the PNG folder it vouches for, --fid
+    test_fid.py          fid.py: FID and KID through torch-fidelity, offline
+    test_bench.py        bench.py: speed, converge, report
+
+Everything runs on the CPU; helpers build tiny models and data so that a test takes seconds.
+"""
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ats
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's spin-waits cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -------------------------------------------------------------------------------------------------
+# Models, data and reference values built here, independently of the code under test
+# -------------------------------------------------------------------------------------------------
+
+
+def tiny_unet(in_ch=1, dropout=0.0, image_size=8):
+    return ats.UNet(in_ch=in_ch, ch=16, ch_mult=(1, 2), num_res=1, attn_res=(4,), dropout=dropout,
+                    image_size=image_size)
+
+
+def blobs(n, size=8, seed=0):
+    """A learnable toy dataset: one bright square per image on a dark background, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, 1, size, size)
+    corner = torch.randint(0, size - 3, (n, 2), generator=g)
+    for i, (r, c) in enumerate(corner.tolist()):
+        x[i, :, r:r + 3, c:c + 3] = 1.0
+    return x
+
+
+def batches(data, batch, seed):
+    """Endless random minibatches of `data`."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield data[torch.randint(0, len(data), (batch,), generator=g)]
+
+
+def linear_abar(T):
+    """abar of DDPM's linear schedule, float64."""
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
+
+
+def chi2_pvalue(t, p, min_expected=5.0):
+    """Pearson chi-square p-value of draws t against probabilities p; small cells pooled."""
+    obs, exp = torch.bincount(t, minlength=len(p)).double(), t.numel() * p.double()
+    small = exp < min_expected
+    if small.any():
+        obs = torch.cat([obs[~small], obs[small].sum(0, keepdim=True)])
+        exp = torch.cat([exp[~small], exp[small].sum(0, keepdim=True)])
+    stat, df = ((obs - exp) ** 2 / exp).sum().item(), len(obs) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                   torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+class Oracle(nn.Module):
+    """An eps-model that returns the true noise."""
+
+    def __init__(self, noise):
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, xt, t):
+        return self.noise
+
+
+# -------------------------------------------------------------------------------------------------
+# Samplers and trainers
+# -------------------------------------------------------------------------------------------------
+
+
+def ats_sampler(T, model, diffusion, **kw):
+    vlb = lambda x0, t, n: diffusion.vlb_terms(model, x0, t, n)
+    return ats.AdaptiveTimestepSampler(T, vlb, in_channels=1, model=model, **kw)
+
+
+def set_ab(sampler, a, b):
+    """Make the policy give (a, b) for every image: zero last-layer weights, bias = softplus^-1."""
+    last = sampler.policy[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        y = torch.tensor([a, b], dtype=torch.float64) - 1e-5
+        last.bias.copy_((y + (-(-y).expm1()).log()).float())  # softplus^-1(y), stable for large y
+
+
+def make_trainer(sampler="ats", seed=0, T=50, **kw):
+    torch.manual_seed(seed)
+    model = tiny_unet()
+    d = ats.GaussianDiffusion(T=T)
+    s = ats_sampler(T, model, d, update_every=3, seed=seed) if sampler == "ats" else \
+        ats.UniformSampler(T)
+    return ats.Trainer(model, d, s, lr=2e-3, warmup=5, ema_decay=0.9, seed=seed, **kw)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# train.py at toy sizes
+# -------------------------------------------------------------------------------------------------
+
+TINY_CFG = dict(image_size=8, channels=1, ch=16, ch_mult="1,2", num_res=1, attn_res="", T=50,
+                batch_size=8, warmup=1, update_every=2, queue_size=3, probe_batch=64, device="cpu",
+                dataset="synthetic", workers=0)
+TINY = ["--dataset", "synthetic", "--synthetic-n", "32", "--image-size", "8", "--ch", "16",
+        "--ch-mult", "1,2", "--num-res", "1", "--attn-res=", "--T", "50", "--batch-size", "8",
+        "--warmup", "1", "--update-every", "2", "--queue-size", "3", "--probe-batch", "64",
+        "--log-every", "2", "--ckpt-every", "2", "--sample-every", "4", "--sample-n", "4",
+        "--sample-steps", "3", "--workers", "0", "--device", "cpu", "--ema-decay", "0.9"]
+
+
+def run(out_dir, *extra):
+    """train.py on the toy setup; returns the checkpoint it left."""
+    train.main([*TINY, "--out-dir", str(out_dir), *extra])
+    return ats.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+
+
+def log_records(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def poison(monkeypatch, at_step, how):
+    """Make Trainer.train_step damage the weights when it reaches `at_step`: 'nan' or 'huge'."""
+    step = ats.Trainer.train_step
+
+    def poisoned(self, x0):
+        if self.step == at_step:
+            with torch.no_grad():
+                self.model.conv_out.weight.fill_(math.nan if how == "nan" else 1e6)
+        return step(self, x0)
+    monkeypatch.setattr(ats.Trainer, "train_step", poisoned)
+
+
+# -------------------------------------------------------------------------------------------------
+# A stand-in for the Inception network, registered with torch-fidelity, so that FID and KID run
+# their real code path offline and fast
+# -------------------------------------------------------------------------------------------------
+
+TEST_FEATURES = "ats-test-features"
+
+
+def stand_in_features(x):
+    """What the stand-in computes from uint8 (B, 3, H, W): per-channel means and stds on a 2x2
+    grid, 24 numbers per image. test_fid.py recomputes FID from these by hand."""
+    x = x.double() / 255
+    cells = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)           # (B, 12)
+    spread = torch.nn.functional.adaptive_avg_pool2d(x**2, 2).flatten(1) - cells**2
+    return torch.cat([cells, spread.clamp(min=0).sqrt()], dim=1)              # (B, 24)
+
+
+def use_stand_in_fid():
+    """Register the stand-in with torch-fidelity and make fid.py use it; returns the fid module.
+    Also for spawned worker processes, which do not see pytest's fixtures."""
+    import torch_fidelity
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    import fid
+
+    class StandIn(torch_fidelity.FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("24",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "24"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        def forward(self, x):
+            return (stand_in_features(x).float(),)
+
+    if TEST_FEATURES not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(TEST_FEATURES, StandIn)
+    fid.FEATURE_EXTRACTOR = TEST_FEATURES
+    return fid
+
+
+@pytest.fixture
+def stand_in_fid(monkeypatch, tmp_path):
+    """fid.py with the stand-in in place of Inception, and torch-fidelity's cache in tmp_path."""
+    pytest.importorskip("torch_fidelity")
+    import fid
+    monkeypatch.setattr(fid, "FEATURE_EXTRACTOR", fid.FEATURE_EXTRACTOR)   # restored afterwards
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    return use_stand_in_fid()
+
+
+def real_images(folder, n, size=8, seed=0, channels=1):
+    """n PNGs of toy 'real' images (blobs) in folder, for an FID reference."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = (blobs(n, size, seed) + 1) / 2
+    if channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    import torchvision
+    for i, img in enumerate(x):
+        torchvision.utils.save_image(img, folder / f"real{i:04d}.png")
+    return folder
