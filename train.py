@@ -15,6 +15,8 @@ On --resume only the flags in RESUMABLE may change; any other that differs is re
 import argparse
 import contextlib
 import fcntl
+import gc
+import importlib.util
 import json
 import math
 import os
@@ -495,12 +497,13 @@ def plot_metrics(out_dir):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return                                           # said once, at start-up
     records = read_log(os.path.join(out_dir, "log.jsonl"))
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     fids = [(r["step"], r["fid"], r["kid"]) for r in records if "fid" in r]
     fig, axes = plt.subplots(1 + bool(fids), 1, figsize=(7, 6 if fids else 3.5), squeeze=False)
-    axes[0][0].plot(*zip(*losses) if losses else ([], []))
+    if losses:
+        axes[0][0].plot(*zip(*losses))
     axes[0][0].set(xlabel="step", ylabel="L_simple, mean per log interval", yscale="log")
     if fids:
         steps, fid_values, kid_values = zip(*fids)
@@ -513,7 +516,6 @@ def plot_metrics(out_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "metrics.png"), dpi=100)
     plt.close(fig)
-    return True
 
 
 def log_line(cfg, step, loss, lr, ips, summary, log_file):
@@ -753,6 +755,7 @@ def check_weights(trainer, path, saved):
 
 
 def train(cfg, ckpt, identity, device, rank, world):
+    """Build, restore and train; every check that can fail runs before the first write."""
     check(cfg, world)
     # Model, sampler and trainer: their constructors check every setting they are given
     try:
@@ -763,7 +766,9 @@ def train(cfg, ckpt, identity, device, rank, world):
         trainer.diffusion.ddim_timesteps(cfg.sample_steps)              # grids and FID use it
     except ValueError as e:
         raise SystemExit(f"error: --sample-steps: {e}") from None
-    scorer = make_scorer(cfg, device) if cfg.fid_every and rank == 0 else None  # fails now
+    # FID: torch-fidelity, its weights and the reference are checked now, not after hours
+    scorer = make_scorer(cfg, device) if cfg.fid_every and rank == 0 else None
+    # Data: decoded once, and kept on the device when it fits
     data = load_data(cfg, device, rank, world)
     # Resume: the trainer, the random streams and the sampler's record continue exactly
     if ckpt is not None:
@@ -779,6 +784,9 @@ def train(cfg, ckpt, identity, device, rank, world):
     indices = batch_indices(len(data), cfg.batch_size // world, rank, world, cfg.seed, trainer.step)
     stream = augment(cfg, batches(cfg, data, indices, device), trainer.generator)
     if rank == 0:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("metrics.png skipped: matplotlib is not installed (pip install matplotlib); the "
+                  "numbers are in log.jsonl", flush=True)
         n_params = sum(p.numel() for p in trainer.model.parameters())
         where = " on the device" if isinstance(data, torch.Tensor) else ""
         print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {cfg.sampler} sampler, {len(data)} "
@@ -886,13 +894,22 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owns_group = True
     rank, world = ats.world()
+    code = None
     try:
         train(cfg, ckpt, identity, device, rank, world)
+    except SystemExit as e:                     # a one-line error, or 130 after a signal
+        code = e.code
     except UnreadableImage as e:  # from a DataLoader worker: its message carries a traceback
-        raise SystemExit("error: " + str(e)[str(e).rindex("cannot read image"):].strip()) from None
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+        code = "error: " + str(e)[str(e).rindex("cannot read image"):].strip()
+    # Done: the exception, its traceback and with them train()'s frames are gone now
+    if owns_group:
+        # The Trainer (a reference cycle, through its LR schedule) and its DDP module hold the
+        # process group. Collected first, they let destroy_process_group join gloo's threads; left
+        # to interpreter shutdown, a gloo thread can abort a finished run with SIGABRT.
+        gc.collect()
+        dist.destroy_process_group()
+    if code not in (None, 0):
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
