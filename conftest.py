@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -217,6 +218,20 @@ def stand_in_fid(monkeypatch, tmp_path):
     monkeypatch.setattr(fid, "FEATURE_EXTRACTOR", fid.FEATURE_EXTRACTOR)   # restored afterwards
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     return use_stand_in_fid()
+
+
+def fid_unavailable(monkeypatch, tmp_path, missing):
+    """FID made impossible: 'torch-fidelity' not installed, or 'weights' not cached (TORCH_HOME
+    points into tmp_path) and not downloadable (the network is down)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    if missing == "torch-fidelity":
+        monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+        return
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
 
 
 def real_images(folder, n, size=8, seed=0, channels=1):

@@ -1,7 +1,6 @@
 """fid.py: FID and KID through torch-fidelity's real code path, with a small stand-in feature
 network registered in place of Inception (conftest.py), offline. CPU only."""
 
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import ats
 import sample
-from conftest import real_images, run, stand_in_features
+from conftest import fid_unavailable, real_images, run, stand_in_features
 
 
 def noise_images(folder, n, seed=0):
@@ -101,15 +100,7 @@ def test_cifar10_reference_offline_gives_one_line(tmp_path, stand_in_fid, monkey
 def test_sample_fid_that_cannot_run_fails_before_sampling(tmp_path, monkeypatch, missing):
     """sample.py --fid without torch-fidelity, or offline without the Inception weights, stops with
     one line before it loads a model or makes an image."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    if missing == "torch-fidelity":
-        monkeypatch.setitem(sys.modules, "torch_fidelity", None)
-    else:
-        inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-
-        def offline(*a, **k):
-            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-        monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    fid_unavailable(monkeypatch, tmp_path, missing)
     run(tmp_path / "run", "--steps", "2")
     monkeypatch.setattr(ats, "load_checkpoint", lambda *a: pytest.fail("a checkpoint was loaded"))
     with pytest.raises(SystemExit) as e:

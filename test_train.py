@@ -24,6 +24,7 @@ from conftest import (
     HERE,
     TINY,
     TINY_CFG,
+    fid_unavailable,
     free_port,
     log_records,
     poison,
@@ -449,15 +450,7 @@ def test_fid_that_cannot_run_stops_at_start_with_one_line(tmp_path, monkeypatch,
     """Without torch-fidelity, or offline without its Inception weights, --fid-every fails before
     anything is trained or written; the line names what is missing and where the weights go."""
     ref = real_images(tmp_path / "ref", 4)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))       # no cached weights
-    if missing == "torch-fidelity":
-        monkeypatch.setitem(sys.modules, "torch_fidelity", None)
-    else:
-        inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-
-        def offline(*a, **k):
-            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-        monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    fid_unavailable(monkeypatch, tmp_path, missing)
     monkeypatch.setattr(ats.Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "run", "--steps", "2", "--fid-every", "2", "--fid-ref", str(ref))
