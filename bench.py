@@ -722,6 +722,7 @@ def plot(summary, results, out, quiet):
             ax.set_xlabel("training steps" if axis == "step" else "training seconds")
             ax.set_ylabel(labels[key])
     axes[0][0].legend(fontsize=8)
+    axes[1][0].legend(handles=axes[1][0].patches[:1], fontsize=8)   # the real-vs-real band
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)
