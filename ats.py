@@ -88,8 +88,8 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, *, T: int = 1000, schedule: str = "linear", var_type: str = "large"):
         super().__init__()
-        if T < 2:
-            raise ValueError(f"T must be at least 2, got {T}")
+        if not 2 <= T <= 100_000:  # DDPM uses 1000; ATS sweeps all T at every sampler update
+            raise ValueError(f"T must be in [2, 100000], got {T}")
         if var_type not in ("large", "small"):
             raise ValueError(f"unknown var_type {var_type!r}: use 'large' or 'small'")
         self.T = T
@@ -494,9 +494,9 @@ class AdaptiveTimestepSampler:
         if update_every < 1 or queue_size < 3 or probe_batch < 1:
             raise ValueError("update_every (f_S) and probe_batch must be at least 1, queue_size "
                              f"(Q) at least 3; got {update_every}, {probe_batch}, {queue_size}")
-        if not all(math.isfinite(v) and v > 0 for v in (policy_lr, policy_grad_clip)):
-            raise ValueError(f"policy_lr and policy_grad_clip must be finite and positive, "
-                             f"got {policy_lr}, {policy_grad_clip}")
+        if not (0 < policy_lr <= 1 and math.isfinite(policy_grad_clip) and policy_grad_clip > 0):
+            raise ValueError(f"policy_lr must be in (0, 1] and policy_grad_clip finite and "
+                             f"positive, got {policy_lr}, {policy_grad_clip}")
         if not (math.isfinite(entropy_coef) and entropy_coef >= 0):
             raise ValueError(f"entropy_coef must be finite and >= 0, got {entropy_coef}")
         self.T, self.vlb_fn, self.model, self.num_selected = T, vlb_fn, model, num_selected
@@ -652,6 +652,8 @@ class AdaptiveTimestepSampler:
             p.grad = all_reduce(p.grad) / world()[1]
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
         self.opt.step()
+        if not all(w.isfinite().all() for w in self.policy.parameters()):
+            raise FloatingPointError("the policy's weights became inf or NaN (policy_lr too high?)")
         p = logp.detach().exp()                                        # pi before the step: (B, T)
         entropy = -(p * logp.detach()).sum(1)
         return {"p": p.mean(0).cpu(), "reward": reward.mean().item(),
@@ -730,8 +732,9 @@ class Trainer:
     def __init__(self, model, diffusion, sampler, *, lr=2e-4, warmup=5000, grad_clip=1.0,
                  ema_decay=0.9999, amp="auto", compile=False, loss_weights=None, seed=0,
                  channels_last=None):
-        if not all(math.isfinite(v) and v > 0 for v in (lr, grad_clip)):
-            raise ValueError(f"lr and grad_clip must be finite and positive, got {lr}, {grad_clip}")
+        if not (0 < lr <= 1 and math.isfinite(grad_clip) and grad_clip > 0):
+            raise ValueError(f"lr must be in (0, 1] and grad_clip finite and positive, got {lr}, "
+                             f"{grad_clip}")
         if warmup < 0 or not 0 <= ema_decay <= 1:
             raise ValueError(f"warmup must be >= 0 and ema_decay in [0, 1], "
                              f"got {warmup}, {ema_decay}")

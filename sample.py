@@ -12,13 +12,24 @@ script cannot vouch for is refused. --fid (pip install torch-fidelity) prints FI
 folder and records them in its fid.json.
 """
 
+import signal
+import sys
+
+
+def interrupted_while_starting(signum, frame):
+    print("interrupted while starting: no image was written", file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
 import argparse
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import time
 
 import torch
@@ -221,33 +232,48 @@ def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
     starts = range(first, first + todo, args.batch_size)
     print(f"{todo} images from {args.ckpt} (step {ckpt['step']}, {made_from['weights']} weights), "
           f"{made_from['method']}, {len(starts)} batch(es)", flush=True)
-    images, tic, tty = [], time.time(), sys.stdout.isatty()
-    for b, start in enumerate(starts, start=1):
-        index = range(start, min(start + args.batch_size, first + todo))
-        progress = None
-        if tty:
-            progress = lambda i, n, b=b: print(f"\rbatch {b}/{len(starts)}  step {i}/{n}  "
-                                               f"{time.time() - tic:.0f}s", end="", flush=True)
-        gens, batch_shape = ats.image_generators(args.seed, index), (len(index), *shape)
-        with torch.no_grad(), ats.autocast(device, ckpt["config"].get("amp", "auto")):
-            if args.ddpm:
-                x = diffusion.ddpm_sample(model, batch_shape, generator=gens, progress=progress)
-            else:
-                x = diffusion.ddim_sample(model, batch_shape, steps=args.steps, generator=gens,
-                                          progress=progress)
-        x = ((x.float() + 1) / 2).cpu()                                  # (b, C, H, W) in [0, 1]
-        if args.out_dir:
-            for i, img in zip(index, x):
-                save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
-            record = os.path.join(args.out_dir, "samples.json")
-            write_json(record, {**made_from, "count": index[-1] + 1})          # these are done
-        if args.grid:
-            images.append(x)
-        print(("\n" if tty else "") + f"batch {b}/{len(starts)} done, {time.time() - tic:.0f}s",
-              flush=True)
+    images, tic, tty, done = [], time.time(), sys.stdout.isatty(), first
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C from here: see below
+    try:
+        for b, start in enumerate(starts, start=1):
+            done = make_batch(args, model, diffusion, ckpt, made_from, shape, device, images,
+                              range(start, min(start + args.batch_size, first + todo)),
+                              f"batch {b}/{len(starts)}", tic, tty)
+    except KeyboardInterrupt:
+        kept = (f"{args.out_dir} holds {done} complete images; the same command makes the rest"
+                if args.out_dir else "no grid was written")
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     where = f" to {args.out_dir}" if args.out_dir else ""
     print(f"wrote {todo} images{where} in {time.time() - tic:.0f}s")
     return torch.cat(images) if images else None
+
+
+def make_batch(args, model, diffusion, ckpt, made_from, shape, device, images, index, name, tic,
+               tty):
+    """Sample the images of `index`; write them to the folder and record them as done, or keep
+    them in `images` for the grid. Returns how many images the folder holds now."""
+    progress = None
+    if tty:
+        progress = lambda i, n: print(f"\r{name}  step {i}/{n}  {time.time() - tic:.0f}s", end="",
+                                      flush=True)
+    gens, batch_shape = ats.image_generators(args.seed, index), (len(index), *shape)
+    with torch.no_grad(), ats.autocast(device, ckpt["config"].get("amp", "auto")):
+        if args.ddpm:
+            x = diffusion.ddpm_sample(model, batch_shape, generator=gens, progress=progress)
+        else:
+            x = diffusion.ddim_sample(model, batch_shape, steps=args.steps, generator=gens,
+                                      progress=progress)
+    x = ((x.float() + 1) / 2).cpu()                                      # (b, C, H, W) in [0, 1]
+    if args.out_dir:
+        for i, img in zip(index, x):
+            save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
+        write_json(os.path.join(args.out_dir, "samples.json"),
+                   {**made_from, "count": index[-1] + 1})                # these are done
+    if args.grid:
+        images.append(x)
+    print(("\n" if tty else "") + f"{name} done, {time.time() - tic:.0f}s", flush=True)
+    return index[-1] + 1
 
 
 def score(scorer, args, made_from):

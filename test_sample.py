@@ -155,6 +155,26 @@ def test_an_interrupted_call_is_completed_exactly(ckpt, tmp_path, monkeypatch):
         assert torch.equal(a, b), i
 
 
+def test_ctrl_c_while_sampling_says_what_was_kept(ckpt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during sampling exits 130 with one line saying how many images are complete; the
+    same command then completes the folder."""
+    save_png = sample.save_png
+
+    def ctrl_c_at_image_5(image, path):
+        if path.endswith("000005.png"):
+            raise KeyboardInterrupt
+        save_png(image, path)
+    monkeypatch.setattr(sample, "save_png", ctrl_c_at_image_5)
+    with pytest.raises(SystemExit) as e:
+        make(ckpt, tmp_path / "cut", 8)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted: {tmp_path / 'cut'} holds 4 complete "
+                                               "images; the same command makes the rest")
+    monkeypatch.undo()
+    make(ckpt, tmp_path / "cut", 8)
+    assert json.loads((tmp_path / "cut" / "samples.json").read_text())["count"] == 8
+
+
 @pytest.mark.parametrize("damage, match", [
     ("remove 000005.png", "000005.png is missing or broken"),
     ("empty 000002.png", "000002.png is missing or broken"),

@@ -6,10 +6,12 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -91,11 +93,15 @@ def test_help_lists_every_setting_with_its_default(capsys):
 
 @pytest.mark.parametrize("flags, match", [
     (["--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
-    (["--T", "1"], "T must be at least 2"),
+    (["--T", "1"], "T must be in [2, 100000]"), (["--T", "1000000000"], "T must be in [2, 100000]"),
     (["--num-selected", "60"], "num_selected (|S|) must be in [1, T=50]"),
     (["--update-every", "0"], "update_every (f_S) and probe_batch must be at least 1"),
-    (["--lr", "nan"], "lr and grad_clip must be finite and positive"),
-    (["--policy-lr", "-1"], "policy_lr and policy_grad_clip must be finite and positive"),
+    (["--lr", "nan"], "lr must be in (0, 1]"), (["--lr", "1e308"], "lr must be in (0, 1]"),
+    (["--policy-lr", "-1"], "policy_lr must be in (0, 1]"),
+    (["--policy-lr", "1e308"], "policy_lr must be in (0, 1]"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 2^62)"),
+    (["--sample-n", "1000000"], "--sample-n is the grid's size, at most 1024"),
+    (["--heatmap-height", "100000000"], "--heatmap-height must be at most 4096"),
     (["--image-size", "-4"], "image_size must be at least 1"),
     (["--ch-mult", ""], "ch_mult needs positive multipliers"),
     (["--ch-mult", "1,x"], "--ch-mult expects comma-separated integers"),
@@ -123,6 +129,69 @@ def test_bad_out_dirs_give_one_error_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             train.main([*TINY, "--out-dir", str(out), "--steps", "2"])
         assert e.value.code.startswith("error:") and match in e.value.code, e.value.code
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--ch", "1000000"], "lower --ch, --ch-mult, --num-res, --image-size or --T"),
+    (["--synthetic-n", "1000000000"], "lower --synthetic-n or --image-size")])
+def test_sizes_that_cannot_fit_give_one_line(tmp_path, flags, match):
+    """A model or dataset too large to allocate is one line naming the flags to lower, and
+    nothing is written."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", *flags)
+    assert e.value.code.startswith("error: out of memory (it asked for ") and match in e.value.code
+    assert "\n" not in e.value.code and not (tmp_path / "run").exists()
+
+
+def test_an_allocation_that_fails_in_training_names_the_flag(tmp_path, monkeypatch):
+    """Out of memory in a training step, a grid or the heatmap: one line, the flag to lower."""
+    def no_memory(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    for target, match in (("save_grid", "lower --sample-n"),
+                          ("save_heatmap", "lower --heatmap-height")):
+        with monkeypatch.context() as m:
+            m.setattr(train, target, no_memory)
+            with pytest.raises(SystemExit) as e:
+                run(tmp_path / target, "--steps", "4", "--sample-every", "4")
+        assert e.value.code == f"error: out of memory (it asked for 2.00 GiB): {match}"
+    with monkeypatch.context() as m:
+        m.setattr(ats.GaussianDiffusion, "loss", no_memory)
+        with pytest.raises(SystemExit, match="lower --batch-size, --ch or --image-size, or "
+                                             "--probe-batch$"):
+            run(tmp_path / "step", "--steps", "4")
+
+
+def test_a_policy_that_diverges_stops_without_saving(tmp_path, monkeypatch):
+    """If the ATS policy's weights become inf or NaN, the run stops with one line before any
+    checkpoint holds them, and the last good checkpoint stays."""
+    run(tmp_path, "--steps", "4", "--ckpt-every", "4")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    learn = ats.AdaptiveTimestepSampler._learn
+
+    def poisoned(self, *args):
+        next(self.policy.parameters()).data.fill_(float("nan"))
+        return learn(self, *args)
+    monkeypatch.setattr(ats.AdaptiveTimestepSampler, "_learn", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "12", "--ckpt-every", "1", "--resume")
+    assert re.match(r"error: at step \d+ the policy's weights became inf or NaN", e.value.code)
+    assert "Resume with a lower --policy-lr" in e.value.code
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    """SIGINT while the script still imports torch: exit 130 and one line, no traceback."""
+    for script in ("train.py", "sample.py"):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--help"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        maps, deadline = f"/proc/{proc.pid}/maps", time.time() + 60
+        while "libtorch" not in open(maps).read() and time.time() < deadline:
+            time.sleep(0.005)            # until torch's libraries load: the handler is set before
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (script, proc.returncode, err)
+        assert err.startswith("interrupted while starting") and err.count("\n") == 1, err
 
 
 def test_train_cli_error_has_no_traceback(tmp_path):
@@ -185,6 +254,20 @@ def test_folder_dataset_reads_resizes_and_names_a_corrupt_file(tmp_path):
             run(tmp_path / f"out{on_device}{workers}", "--dataset", "folder", "--data-dir",
                 str(tmp_path), "--on-device", on_device, "--workers", workers, "--channels", "3",
                 "--steps", "8")
+
+
+def test_an_image_claiming_to_be_huge_is_named(tmp_path):
+    """A PNG whose header claims 30000x30000 pixels (PIL's decompression-bomb guard) is an
+    unreadable image like any other, named in one line."""
+    Image.new("L", (8, 8)).save(tmp_path / "bomb.png")
+    png = bytearray((tmp_path / "bomb.png").read_bytes())
+    png[16:24] = (30000).to_bytes(4, "big") * 2                  # IHDR width and height
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")  # a valid header checksum
+    (tmp_path / "bomb.png").write_bytes(bytes(png))
+    data = train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path),
+                                           image_size=8))
+    with pytest.raises(train.UnreadableImage, match=r"cannot read image .*bomb\.png"):
+        data[0]
 
 
 def test_resident_data_gives_the_dataloader_batches():
@@ -269,7 +352,7 @@ def test_config_json_holds_what_the_checkpoint_holds(tmp_path):
     """A resume that diverges before its first save leaves config.json as ckpt.pt's config."""
     run(tmp_path, "--steps", "2", "--lr", "1e-3")
     with pytest.raises(SystemExit, match="stopped without saving|diverged; not saved"):
-        run(tmp_path, "--steps", "6", "--resume", "--lr", "1e3")
+        run(tmp_path, "--steps", "6", "--resume", "--lr", "1")
     stored = ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["config"]
     assert json.loads((tmp_path / "config.json").read_text()) == stored and stored["lr"] == 1e-3
 

@@ -12,6 +12,19 @@ Every knob is a field of Config; --help lists them all. An explicitly given flag
 On --resume only the flags in RESUMABLE may change; any other that differs is refused.
 """
 
+import signal
+import sys
+
+
+def interrupted_while_starting(signum, frame):
+    print("interrupted while starting, before the first step: nothing was saved or changed",
+          file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
 import argparse
 import contextlib
 import fcntl
@@ -20,10 +33,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
-import signal
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -197,6 +209,9 @@ def check(cfg, world):
         (min(cfg.workers, cfg.milestone_every, cfg.fid_every) < 0,
          "--workers, --milestone-every and --fid-every must be >= 0"),
         (cfg.fid_n < 4, "--fid-n must be at least 4"),
+        (not 0 <= cfg.seed < 2**62, "--seed must be in [0, 2^62)"),
+        (cfg.sample_n > 1024, "--sample-n is the grid's size, at most 1024: sample.py makes more"),
+        (cfg.heatmap_height > 4096, "--heatmap-height must be at most 4096 (pixels)"),
         (not (math.isfinite(cfg.heatmap_range) and cfg.heatmap_range > 1),
          "--heatmap-range must be above 1"),
         (cfg.dataset == "cifar10" and cfg.channels != 3, "cifar10 is RGB: use --channels 3"),
@@ -256,7 +271,7 @@ class ImageFiles(Dataset):
         try:
             with Image.open(self.files[i]) as im:
                 return self.transform(im.convert(self.mode))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise UnreadableImage(f"cannot read image {self.files[i]} ({e}): remove or replace "
                                   "it") from None
 
@@ -473,7 +488,8 @@ def evaluate_fid(cfg, trainer, scorer, rank, world, log_file):
     if rank == 0:
         print(f"step {trainer.step}/{cfg.steps} | FID: {cfg.fid_n} EMA samples, DDIM-"
               f"{cfg.sample_steps} ...", flush=True)
-    images = fid_samples(cfg, trainer, rank, world)
+    with memory_for("--fid-batch"):
+        images = fid_samples(cfg, trainer, rank, world)
     if rank > 0:
         return
     try:
@@ -666,6 +682,21 @@ def cut_log(path, step):
         os.replace(path + ".tmp", path)
 
 
+@contextlib.contextmanager
+def memory_for(flags):
+    """An allocation that fails inside becomes one line naming the settings to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:      # torch.OutOfMemoryError is a RuntimeError
+        text = str(e)
+        if not isinstance(e, MemoryError) and not re.search("alloc|out of memory", text):
+            raise
+        size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", text)
+        need = "" if size is None else (f" (it asked for {int(size[1]) / 1e9:.1f} GB)" if size[1]
+                                        else f" (it asked for {size[2]})")
+        raise SystemExit(f"error: out of memory{need}: lower {flags}") from None
+
+
 def kept(path, saved):
     return "No checkpoint was written." if saved is None else f"{path} still holds step {saved}."
 
@@ -759,7 +790,8 @@ def train(cfg, ckpt, identity, device, rank, world):
     check(cfg, world)
     # Model, sampler and trainer: their constructors check every setting they are given
     try:
-        trainer = build(cfg, device)
+        with memory_for("--ch, --ch-mult, --num-res, --image-size or --T"):
+            trainer = build(cfg, device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
@@ -769,7 +801,9 @@ def train(cfg, ckpt, identity, device, rank, world):
     # FID: torch-fidelity, its weights and the reference are checked now, not after hours
     scorer = make_scorer(cfg, device) if cfg.fid_every and rank == 0 else None
     # Data: decoded once, and kept on the device when it fits
-    data = load_data(cfg, device, rank, world)
+    with memory_for("--synthetic-n or --image-size" if cfg.dataset == "synthetic"
+                    else "--image-size, or pass --on-device never"):
+        data = load_data(cfg, device, rank, world)
     # Resume: the trainer, the random streams and the sampler's record continue exactly
     if ckpt is not None:
         try:
@@ -795,7 +829,14 @@ def train(cfg, ckpt, identity, device, rank, world):
     # The loop, in the locked out-dir: Trainer.run takes the steps; between them, log, save, draw,
     # score and watch for signals
     with claim_out_dir(cfg, ckpt, identity, trainer, rank), Interrupt(world > 1) as interrupt:
-        stop = loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world)
+        with memory_for("--batch-size, --ch or --image-size" + (
+                ", or --probe-batch" if cfg.sampler == "ats" else "")):
+            try:
+                stop = loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world)
+            except FloatingPointError as e:                            # the ATS policy diverged
+                raise SystemExit(f"error: at step {trainer.step} {e}; stopped without saving, "
+                                 f"so {cfg.out_dir}/ckpt.pt (if any) holds the last good "
+                                 "checkpoint. Resume with a lower --policy-lr.") from None
     if stop:
         if rank == 0:
             why = ("the torchrun launcher is gone" if interrupt.reason == "lost launcher"
@@ -873,10 +914,12 @@ def outputs(cfg, trainer, log, loss, ips, log_file, due, saved):
         log_line(cfg, trainer.step, loss, trainer.sched.get_last_lr()[0], ips, log.summary,
                  log_file)
     if due["grid"]:
-        save_grid(cfg, trainer, os.path.join(cfg.out_dir, f"grid_{trainer.step:07d}.png"))
+        with memory_for("--sample-n"):
+            save_grid(cfg, trainer, os.path.join(cfg.out_dir, f"grid_{trainer.step:07d}.png"))
         if log.history:
-            save_heatmap(log.history, os.path.join(cfg.out_dir, "sampler.png"),
-                         cfg.heatmap_height, cfg.heatmap_range)
+            with memory_for("--heatmap-height"):
+                save_heatmap(log.history, os.path.join(cfg.out_dir, "sampler.png"),
+                             cfg.heatmap_height, cfg.heatmap_range)
 
 
 def main(argv=None):
