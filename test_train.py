@@ -309,9 +309,27 @@ def test_train_writes_its_outputs(tmp_path):
     assert {"loss", "lr", "img_per_s", "sampler"} <= set(records[-1])
     assert "quarters" in records[-1]["sampler"]
     assert json.loads((tmp_path / "config.json").read_text()) == ckpt["config"]
-    assert Image.open(tmp_path / "sampler.png").size == (50, 256)  # (T, --heatmap-height)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "metrics.png").is_file()
+
+
+def test_the_heatmap_has_axes_with_matplotlib_and_is_bare_without(tmp_path, monkeypatch):
+    """sampler.png: a figure with axes and a colour scale when matplotlib is there; else the bare
+    image, one column per t and --heatmap-height rows, uniform drawn as the ramp's middle."""
+    uniform, peaked = torch.full((50,), 1 / 50), torch.softmax(torch.arange(50.0) / 5, 0)
+    history = [uniform] * 3 + [peaked] * 3
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                  # import fails
+    train.save_heatmap(history, tmp_path / "bare.png", 40, 10.0)
+    bare = torchvision.transforms.functional.pil_to_tensor(Image.open(tmp_path / "bare.png"))
+    assert bare.shape == (3, 40, 50)
+    middle = (train.HEAT[1] + train.HEAT[2]) / 2 * 255                   # the ramp at 0.5
+    assert (bare[:, 0].float().T - middle).abs().max() <= 1               # first rows: uniform
+    assert bare[:, -1, -1].float().mean() > bare[:, -1, 0].float().mean()  # likelier is brighter
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    train.save_heatmap(history, tmp_path / "figure.png", 256, 10.0, steps=[2, 4, 6, 8, 10, 12])
+    width, height = Image.open(tmp_path / "figure.png").size
+    assert width > 50 and height > 256                     # the image plus axes, title and scale
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -444,19 +444,45 @@ def save_grid(cfg, trainer, path):
     torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(cfg.sample_n)))
 
 
-def save_heatmap(history, path, height, spread):
+def save_heatmap(history, path, height, spread, steps=None):
     """pi(t) over training: rows are sampler updates (first at the top), columns t.
 
     The colour is log(pi(t) T) on [-log spread, log spread]: uniform is mid-ramp, brighter likelier.
+    With matplotlib the picture gets axes (t; the training step of each row when `steps` is given),
+    a colour scale and a title; without it, the bare image, `height` pixels tall.
     """
     p = torch.stack(history).float()                                     # (updates, T)
-    v = ((p * p.shape[1]).log() / math.log(spread) + 1) / 2              # 0.5 = uniform
-    pos = v.clamp(0, 1) * (len(HEAT) - 1)                                # place on the ramp
-    i = pos.floor().long().clamp(max=len(HEAT) - 2)
-    w = (pos - i)[..., None]
-    rgb = (HEAT[i] * (1 - w) + HEAT[i + 1] * w).permute(2, 0, 1)         # (3, updates, T)
-    rgb = torch.nn.functional.interpolate(rgb[None], size=(height, p.shape[1]), mode="nearest")[0]
-    torchvision.utils.save_image(rgb, path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LinearSegmentedColormap, LogNorm
+    except ImportError:
+        v = ((p * p.shape[1]).log() / math.log(spread) + 1) / 2          # 0.5 = uniform
+        pos = v.clamp(0, 1) * (len(HEAT) - 1)                            # place on the ramp
+        i = pos.floor().long().clamp(max=len(HEAT) - 2)
+        w = (pos - i)[..., None]
+        rgb = (HEAT[i] * (1 - w) + HEAT[i + 1] * w).permute(2, 0, 1)     # (3, updates, T)
+        rgb = torch.nn.functional.interpolate(rgb[None], size=(height, p.shape[1]),
+                                              mode="nearest")[0]
+        torchvision.utils.save_image(rgb, path)
+        return
+    T, rows = p.shape[1], p.shape[0]
+    first, last = (steps[0], steps[-1]) if steps else (1, rows)
+    fig, ax = plt.subplots(figsize=(8, 1.5 + height / 100))
+    image = ax.imshow((p * T).clamp(1 / spread, spread).numpy(), aspect="auto",
+                      interpolation="nearest", extent=(-0.5, T - 0.5, last, first),
+                      cmap=LinearSegmentedColormap.from_list("heat", HEAT.tolist()),
+                      norm=LogNorm(1 / spread, spread))
+    ax.set(xlabel=f"timestep t (0: almost clean, {T - 1}: almost pure noise)",
+           ylabel="training step" if steps else "sampler update",
+           title=f"ATS policy over training: batch-mean pi(t), {rows} of its updates")
+    bar = fig.colorbar(image, ax=ax, pad=0.02)
+    bar.set_ticks([1 / spread, 1, spread], labels=[f"{1 / spread:g}x", "uniform", f"{spread:g}x"])
+    bar.set_label("pi(t) relative to uniform 1/T")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -919,7 +945,7 @@ def outputs(cfg, trainer, log, loss, ips, log_file, due, saved):
         if log.history:
             with memory_for("--heatmap-height"):
                 save_heatmap(log.history, os.path.join(cfg.out_dir, "sampler.png"),
-                             cfg.heatmap_height, cfg.heatmap_range)
+                             cfg.heatmap_height, cfg.heatmap_range, log.steps)
 
 
 def main(argv=None):
