@@ -729,7 +729,8 @@ def plot(summary, results, out, quiet):
     policies = {n: s for n, s in summary.items() if any(s["final_p"])}
     if not policies:
         return
-    fig, axes = plt.subplots(1, len(policies), figsize=(5 * len(policies), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(policies), figsize=(5 * len(policies), 3.5), squeeze=False,
+                             sharey=True)
     for ax, (name, s) in zip(axes[0], policies.items()):
         for seed, p in zip(s["seeds"], s["final_p"]):
             ax.plot([v * len(p) for v in p], label=f"seed {seed}")
