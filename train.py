@@ -469,6 +469,7 @@ def save_heatmap(history, path, height, spread, steps=None):
         return
     T, rows = p.shape[1], p.shape[0]
     first, last = (steps[0], steps[-1]) if steps else (1, rows)
+    last = max(last, first + 1)                                          # one row: still a band
     fig, ax = plt.subplots(figsize=(8, 1.5 + height / 100))
     image = ax.imshow((p * T).clamp(1 / spread, spread).numpy(), aspect="auto",
                       interpolation="nearest", extent=(-0.5, T - 0.5, last, first),
