@@ -652,7 +652,7 @@ class AdaptiveTimestepSampler:
             p.grad = all_reduce(p.grad) / world()[1]
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
         self.opt.step()
-        if not all(w.isfinite().all() for w in self.policy.parameters()):
+        if not torch.stack([w.isfinite().all() for w in self.policy.parameters()]).all():
             raise FloatingPointError("the policy's weights became inf or NaN (policy_lr too high?)")
         p = logp.detach().exp()                                        # pi before the step: (B, T)
         entropy = -(p * logp.detach()).sum(1)

@@ -699,11 +699,8 @@ def write_report(results, out, quiet=False):
 def plot(summary, results, out, quiet):
     """curves.png: NLL, KID and FD (mean ± std over seeds) against steps and training seconds,
     with the real-vs-real band; policies.png: each ATS run's final T pi(t)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = train.pyplot()
+    if plt is None:
         if not quiet:
             print("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
         return

@@ -236,9 +236,30 @@ def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
     signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C from here: see below
     try:
         for b, start in enumerate(starts, start=1):
-            done = make_batch(args, model, diffusion, ckpt, made_from, shape, device, images,
-                              range(start, min(start + args.batch_size, first + todo)),
-                              f"batch {b}/{len(starts)}", tic, tty)
+            index = range(start, min(start + args.batch_size, first + todo))
+            progress = None
+            if tty:
+                progress = lambda i, n, b=b: print(f"\rbatch {b}/{len(starts)}  step {i}/{n}  "
+                                                   f"{time.time() - tic:.0f}s", end="", flush=True)
+            gens, batch_shape = ats.image_generators(args.seed, index), (len(index), *shape)
+            with torch.no_grad(), ats.autocast(device, ckpt["config"].get("amp", "auto")):
+                if args.ddpm:
+                    x = diffusion.ddpm_sample(model, batch_shape, generator=gens,
+                                              progress=progress)
+                else:
+                    x = diffusion.ddim_sample(model, batch_shape, steps=args.steps,
+                                              generator=gens, progress=progress)
+            x = ((x.float() + 1) / 2).cpu()                              # (b, C, H, W) in [0, 1]
+            if args.out_dir:
+                for i, img in zip(index, x):
+                    save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
+                write_json(os.path.join(args.out_dir, "samples.json"),
+                           {**made_from, "count": index[-1] + 1})        # these are done
+                done = index[-1] + 1
+            if args.grid:
+                images.append(x)
+            print(("\n" if tty else "") + f"batch {b}/{len(starts)} done, "
+                  f"{time.time() - tic:.0f}s", flush=True)
     except KeyboardInterrupt:
         kept = (f"{args.out_dir} holds {done} complete images; the same command makes the rest"
                 if args.out_dir else "no grid was written")
@@ -247,33 +268,6 @@ def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
     where = f" to {args.out_dir}" if args.out_dir else ""
     print(f"wrote {todo} images{where} in {time.time() - tic:.0f}s")
     return torch.cat(images) if images else None
-
-
-def make_batch(args, model, diffusion, ckpt, made_from, shape, device, images, index, name, tic,
-               tty):
-    """Sample the images of `index`; write them to the folder and record them as done, or keep
-    them in `images` for the grid. Returns how many images the folder holds now."""
-    progress = None
-    if tty:
-        progress = lambda i, n: print(f"\r{name}  step {i}/{n}  {time.time() - tic:.0f}s", end="",
-                                      flush=True)
-    gens, batch_shape = ats.image_generators(args.seed, index), (len(index), *shape)
-    with torch.no_grad(), ats.autocast(device, ckpt["config"].get("amp", "auto")):
-        if args.ddpm:
-            x = diffusion.ddpm_sample(model, batch_shape, generator=gens, progress=progress)
-        else:
-            x = diffusion.ddim_sample(model, batch_shape, steps=args.steps, generator=gens,
-                                      progress=progress)
-    x = ((x.float() + 1) / 2).cpu()                                      # (b, C, H, W) in [0, 1]
-    if args.out_dir:
-        for i, img in zip(index, x):
-            save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
-        write_json(os.path.join(args.out_dir, "samples.json"),
-                   {**made_from, "count": index[-1] + 1})                # these are done
-    if args.grid:
-        images.append(x)
-    print(("\n" if tty else "") + f"{name} done, {time.time() - tic:.0f}s", flush=True)
-    return index[-1] + 1
 
 
 def score(scorer, args, made_from):

@@ -452,12 +452,8 @@ def save_heatmap(history, path, height, spread, steps=None):
     a colour scale and a title; without it, the bare image, `height` pixels tall.
     """
     p = torch.stack(history).float()                                     # (updates, T)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LinearSegmentedColormap, LogNorm
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         v = ((p * p.shape[1]).log() / math.log(spread) + 1) / 2          # 0.5 = uniform
         pos = v.clamp(0, 1) * (len(HEAT) - 1)                            # place on the ramp
         i = pos.floor().long().clamp(max=len(HEAT) - 2)
@@ -470,11 +466,13 @@ def save_heatmap(history, path, height, spread, steps=None):
     T, rows = p.shape[1], p.shape[0]
     first, last = (steps[0], steps[-1]) if steps else (1, rows)
     last = max(last, first + 1)                                          # one row: still a band
+    import matplotlib.colors as colors  # installed, since pyplot() found it
+
     fig, ax = plt.subplots(figsize=(8, 1.5 + height / 100))
     image = ax.imshow((p * T).clamp(1 / spread, spread).numpy(), aspect="auto",
                       interpolation="nearest", extent=(-0.5, T - 0.5, last, first),
-                      cmap=LinearSegmentedColormap.from_list("heat", HEAT.tolist()),
-                      norm=LogNorm(1 / spread, spread))
+                      cmap=colors.LinearSegmentedColormap.from_list("heat", HEAT.tolist()),
+                      norm=colors.LogNorm(1 / spread, spread))
     ax.set(xlabel=f"timestep t (0: almost clean, {T - 1}: almost pure noise)",
            ylabel="training step" if steps else "sampler update",
            title=f"ATS policy over training: batch-mean pi(t), {rows} of its updates")
@@ -533,13 +531,21 @@ def evaluate_fid(cfg, trainer, scorer, rank, world, log_file):
     log_file.flush()
 
 
-def plot_metrics(out_dir):
-    """metrics.png from log.jsonl: the training loss, and FID and KID when there are any."""
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_metrics(out_dir):
+    """metrics.png from log.jsonl: the training loss, and FID and KID when there are any."""
+    plt = pyplot()
+    if plt is None:
         return                                           # said once, at start-up
     records = read_log(os.path.join(out_dir, "log.jsonl"))
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -855,15 +861,16 @@ def train(cfg, ckpt, identity, device, rank, world):
               flush=True)
     # The loop, in the locked out-dir: Trainer.run takes the steps; between them, log, save, draw,
     # score and watch for signals
-    with claim_out_dir(cfg, ckpt, identity, trainer, rank), Interrupt(world > 1) as interrupt:
-        with memory_for("--batch-size, --ch or --image-size" + (
-                ", or --probe-batch" if cfg.sampler == "ats" else "")):
-            try:
-                stop = loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world)
-            except FloatingPointError as e:                            # the ATS policy diverged
-                raise SystemExit(f"error: at step {trainer.step} {e}; stopped without saving, "
-                                 f"so {cfg.out_dir}/ckpt.pt (if any) holds the last good "
-                                 "checkpoint. Resume with a lower --policy-lr.") from None
+    lower = "--batch-size, --ch or --image-size" + (", or --probe-batch" if cfg.sampler == "ats"
+                                                     else "")
+    with (claim_out_dir(cfg, ckpt, identity, trainer, rank), Interrupt(world > 1) as interrupt,
+          memory_for(lower)):
+        try:
+            stop = loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world)
+        except FloatingPointError as e:                                # the ATS policy diverged
+            raise SystemExit(f"error: at step {trainer.step} {e}; stopped without saving, so "
+                             f"{cfg.out_dir}/ckpt.pt (if any) holds the last good checkpoint. "
+                             "Resume with a lower --policy-lr.") from None
     if stop:
         if rank == 0:
             why = ("the torchrun launcher is gone" if interrupt.reason == "lost launcher"
