@@ -80,21 +80,46 @@ def mean_flat(x):
 
 
 class GaussianDiffusion(nn.Module):
-    """The DDPM forward process, its losses and its samplers, for an eps-prediction model.
+    """The DDPM forward process, its losses and its samplers, for any betas and prediction type.
 
-    Coefficients are computed in float64 and registered as float32 buffers, so `.to(device)`
-    moves them with the model. Every random draw takes an optional `generator`.
+    The betas come from a schedule name or are given (`betas=`, any T values in (0, 1), such as a
+    diffusers scheduler's `betas`). Every coefficient is computed from them in float64 and
+    registered as a float32 buffer, so `.to(device)` moves them with the model.
+
+    `prediction` says what the model outputs at (x_t, t): 'eps' (the noise, DDPM), 'v'
+    (sqrt(abar) eps - sqrt(1 - abar) x0; Salimans & Ho 2022, arXiv:2202.00512) or 'x0'. Every VLB
+    term and sampler goes through x0_hat, so one model written in any of the three forms gives the
+    same VLB; `loss` is the MSE against the prediction's own target.
+
+    `var_type` is the fixed reverse variance: 'large' = beta_t, as diffusers' 'fixed_large';
+    'small' = the posterior's beta-tilde_t, as diffusers' 'fixed_small'. Both use beta-tilde_1 at
+    t = 0, where the posterior's variance is 0. diffusers' 'fixed_small' clamps it to 1e-20 there
+    instead, and 'fixed_large' uses beta_0: neither gives a usable decoder term L_0, so build a
+    foreign model's VLB here from its betas. Every random draw takes an optional `generator`.
     """
 
-    def __init__(self, *, T: int = 1000, schedule: str = "linear", var_type: str = "large"):
+    def __init__(self, *, T: int | None = None, schedule: str = "linear", betas=None,
+                 var_type: str = "large", prediction: str = "eps"):
         super().__init__()
-        if not 2 <= T <= 100_000:  # DDPM uses 1000; ATS sweeps all T at every sampler update
-            raise ValueError(f"T must be in [2, 100000], got {T}")
         if var_type not in ("large", "small"):
             raise ValueError(f"unknown var_type {var_type!r}: use 'large' or 'small'")
-        self.T = T
-        self.config = dict(T=T, schedule=schedule, var_type=var_type)  # rebuilds it: (**config)
-        betas = make_betas(schedule, T)
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unknown prediction {prediction!r}: use 'eps', 'v' or 'x0'")
+        if betas is None:
+            T = 1000 if T is None else T
+            if not 2 <= T <= 100_000:  # DDPM uses 1000; ATS sweeps all T at every sampler update
+                raise ValueError(f"T must be in [2, 100000], got {T}")
+            betas = make_betas(schedule, T)
+            self.config = dict(T=T, schedule=schedule, var_type=var_type, prediction=prediction)
+        else:
+            betas = torch.as_tensor(betas).detach().to("cpu", torch.float64)
+            if betas.dim() != 1 or not 2 <= len(betas) <= 100_000 or T not in (None, len(betas)):
+                raise ValueError(f"betas must be one value per timestep, 2 to 100000 of them (and "
+                                 f"T, if given, their number); got shape {tuple(betas.shape)}")
+            if not ((betas > 0) & (betas < 1)).all():
+                raise ValueError("every beta must lie in (0, 1)")
+            self.config = dict(betas=betas, var_type=var_type, prediction=prediction)
+        self.T, self.prediction = len(betas), prediction   # config rebuilds it: (**config)
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)                                  # abar_t
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -123,17 +148,35 @@ class GaussianDiffusion(nn.Module):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)."""
         return self._at(self.sqrt_abar, t, x0) * x0 + self._at(self.sqrt_1m_abar, t, x0) * noise
 
+    def target(self, x0, t, noise):
+        """What the model is trained to output: eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
+        or x0."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "v":
+            return self._at(self.sqrt_abar, t, x0) * noise - self._at(self.sqrt_1m_abar, t, x0) * x0
+        return x0
+
     def loss(self, model, x0, t, noise=None, generator=None):
-        """L_simple per sample: ||eps - eps_theta(x_t, t)||^2 averaged over pixels (DDPM Eq. 14).
-        Returns [B]."""
+        """L_simple per sample: the squared error of the model's output against its target,
+        averaged over pixels (DDPM Eq. 14 for eps). Returns [B]."""
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return mean_flat((noise - model(self.q_sample(x0, t, noise), t)) ** 2)
+        return mean_flat((self.target(x0, t, noise) - model(self.q_sample(x0, t, noise), t)) ** 2)
+
+    def predict_x0(self, model, xt, t):
+        """x0_hat from the model's output, by the exact identities of its prediction type."""
+        out = model(xt, t).float()
+        a, s = self._at(self.sqrt_abar, t, xt), self._at(self.sqrt_1m_abar, t, xt)
+        if self.prediction == "eps":
+            return (xt - s * out) / a
+        if self.prediction == "v":
+            return a * xt - s * out
+        return out
 
     def p_mean(self, model, xt, t, clip=False):
-        """Mean of p_theta(x_{t-1} | x_t), and the predicted x0, from eps_theta (DDPM Eq. 11)."""
-        eps = model(xt, t).float()
-        x0_hat = (xt - self._at(self.sqrt_1m_abar, t, xt) * eps) / self._at(self.sqrt_abar, t, xt)
+        """Mean of p_theta(x_{t-1} | x_t), and the predicted x0 (DDPM Eq. 7 with x0_hat)."""
+        x0_hat = self.predict_x0(model, xt, t)
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
         mean = self._at(self.post_c1, t, xt) * x0_hat + self._at(self.post_c2, t, xt) * xt
@@ -398,8 +441,49 @@ class UNet(nn.Module):
 #      loss = (sampler.weights(t) * losses).mean()     # importance weights: ones unless stated
 #      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() and the EMA update
 #          optimizer.step()
-#    Under torchrun they talk only through the rank helpers below, which do nothing without a
-#    process group; `evaluating` switches dropout off for the ATS probes.
+# -------------------------------------------------------------------------------------------------
+
+
+class TimestepSampler:
+    """The API with its defaults: no importance weights, nothing around the update, no state."""
+
+    def __init__(self, T: int):
+        self.T = T
+
+    def weights(self, t):
+        return torch.ones(t.shape, device=t.device)
+
+    @contextlib.contextmanager
+    def around_update(self, x0, t, losses=None):
+        yield {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class UniformSampler(TimestepSampler):
+    """t ~ U{0, ..., T-1}: the standard DDPM choice."""
+
+    def probs(self):
+        return torch.full((self.T,), 1 / self.T, dtype=torch.float64)
+
+    def sample(self, x0, generator=None):
+        return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
+
+
+# >>> ATS: copy from here. --------------------------------------------------------------------
+# 4. The adaptive sampler (ATS Sec. 4), self-contained: from this line to "ATS: copy to here" it
+#    needs only these imports and a vlb_fn (GaussianDiffusion.vlb_terms is one):
+#        import contextlib, math
+#        import torch
+#        import torch.distributed as dist
+#        import torch.nn as nn
+#        import torch.nn.functional as F
+#    Under torchrun it talks only through the rank helpers below, which do nothing without a
+#    process group; `evaluating` switches dropout off for the probes.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -435,74 +519,63 @@ def evaluating(model):
         model.train(was_training)
 
 
-class TimestepSampler:
-    """The API with its defaults: no importance weights, nothing around the update, no state."""
-
-    def __init__(self, T: int):
-        self.T = T
-
-    def weights(self, t):
-        return torch.ones(t.shape, device=t.device)
-
-    @contextlib.contextmanager
-    def around_update(self, x0, t, losses=None):
-        yield {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class UniformSampler(TimestepSampler):
-    """t ~ U{0, ..., T-1}: the standard DDPM choice."""
-
-    def probs(self):
-        return torch.full((self.T,), 1 / self.T, dtype=torch.float64)
-
-    def sample(self, x0, generator=None):
-        return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
-
-
-# -------------------------------------------------------------------------------------------------
-# 4. The adaptive sampler (ATS Sec. 4). Needs only torch, the four helpers above and a
-#    vlb_fn(x0, t, noise) -> [B]: copy them and this class into any training loop.
-# -------------------------------------------------------------------------------------------------
-
-
 class AdaptiveTimestepSampler:
     """The ATS policy pi_phi(t | x0), trained online with REINFORCE (ATS Sec. 4, Eq. 11-14).
 
     The policy maps x0 to (a, b) > 0 and puts an exactly normalised, discretised Beta(a, b) on
-    the T timesteps. Every `update_every` (f_S) steps it measures how much the model update at the
-    sampled t lowered the VLB terms of `num_selected` (|S|) timesteps S (the reward, ATS Eq. 12),
-    picks S with a univariate F-test over a queue of `queue_size` (Q) full T-sweeps (the
+    the T timesteps. Every `update_every` (f_S) optimizer steps it measures how much the model
+    update at the sampled t lowered the VLB terms of `num_selected` (|S|) timesteps S (the reward,
+    ATS Eq. 12), picks S with a univariate F-test over a queue of `queue_size` (Q) sweeps of one
+    image over the timesteps 0, k, 2k, ... (k = `sweep_stride`; 1, the paper's, sweeps all T; the
     surrogate of ATS Eq. 14), and takes a REINFORCE step (ATS Eq. 13) with the entropy inside the
-    reward.
+    reward. Defaults are the released CIFAR-10 settings.
 
-    vlb_fn(x0, t, noise) -> [B] is the per-sample VLB term L_t, called without gradients. `model`,
-    if given, is put in eval mode (dropout off) during the probes. `seed` seeds the probe's noise
-    and must be the same on every rank. Defaults are the released CIFAR-10 settings.
+    The contract of vlb_fn(x0, t, noise) -> float [B]: the VLB term L_t of each image, in bits
+    per dimension (the defaults are tuned to that unit):
+      - for t >= 1, KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)), with x_t built from noise;
+      - for t = 0, the decoder's NLL -log p_theta(x0 | x_1), DDPM's discretised Gaussian, with a
+        finite variance (GaussianDiffusion clips it to beta-tilde_1);
+      - deterministic given its arguments: no fresh noise and no dropout inside, so that no model
+        update means exactly zero reward.
+    It is called under torch.no_grad(), with autocast off, in chunks of at most `probe_batch`
+    rows: x0 is float32 [n, C, H, W], t a LongTensor [n] and noise x0-shaped N(0, I), all on x0's
+    device. `model`, if given, is put in eval mode during the probes.
+
+    Enter `around_update` once per optimizer step, not per micro-batch: under gradient
+    accumulation, only around the micro-step that steps. `seed` seeds the probe's noise and must
+    be the same on every rank. Options off by default (the released behaviour):
+    `policy_warmup` ramps the policy's learning rate linearly over its first updates, `max_kl`
+    caps the batch-mean KL(new || old) of one policy update (by halving the step), and
+    `reward_norm` divides each update's rewards by their root mean square.
     """
 
     def __init__(self, T, vlb_fn, in_channels=3, *, model=None, update_every=40, num_selected=3,
                  queue_size=20, policy_lr=1e-2, entropy_coef=1e-2, policy_grad_clip=1.0,
-                 probe_batch=256, seed=0, device=None):
-        if not 1 <= num_selected <= T:
-            raise ValueError(f"num_selected (|S|) must be in [1, T={T}], got {num_selected}")
-        if update_every < 1 or queue_size < 3 or probe_batch < 1:
+                 probe_batch=256, sweep_stride=1, policy_warmup=0, max_kl=0.0, reward_norm=False,
+                 seed=0, device=None):
+        if not 1 <= sweep_stride < T:
+            raise ValueError(f"sweep_stride must be in [1, T={T}), got {sweep_stride}")
+        probed = torch.arange(0, T, sweep_stride)                      # t = 0, k, 2k, ...
+        if not 1 <= num_selected <= len(probed):
+            raise ValueError(f"num_selected (|S|) must be in [1, {len(probed)}], the number of "
+                             f"swept timesteps, got {num_selected}")
+        if update_every < 1 or queue_size < 3 or probe_batch < 1 or policy_warmup < 0:
             raise ValueError("update_every (f_S) and probe_batch must be at least 1, queue_size "
-                             f"(Q) at least 3; got {update_every}, {probe_batch}, {queue_size}")
+                             f"(Q) at least 3, policy_warmup at least 0; got {update_every}, "
+                             f"{probe_batch}, {queue_size}, {policy_warmup}")
         if not (0 < policy_lr <= 1 and math.isfinite(policy_grad_clip) and policy_grad_clip > 0):
             raise ValueError(f"policy_lr must be in (0, 1] and policy_grad_clip finite and "
                              f"positive, got {policy_lr}, {policy_grad_clip}")
         if not (math.isfinite(entropy_coef) and entropy_coef >= 0):
             raise ValueError(f"entropy_coef must be finite and >= 0, got {entropy_coef}")
+        if not (math.isfinite(max_kl) and max_kl >= 0):
+            raise ValueError(f"max_kl must be finite and >= 0 (0: no limit), got {max_kl}")
         self.T, self.vlb_fn, self.model, self.num_selected = T, vlb_fn, model, num_selected
         self.update_every, self.queue_size, self.probe_batch = update_every, queue_size, probe_batch
         self.policy_lr, self.entropy_coef = policy_lr, entropy_coef
-        self.policy_grad_clip = policy_grad_clip
+        self.policy_grad_clip, self.sweep_stride = policy_grad_clip, sweep_stride
+        self.probed = probed
+        self.policy_warmup, self.max_kl, self.reward_norm = policy_warmup, max_kl, reward_norm
         self.policy = self.policy_net(in_channels).to(device)
         for p in self.policy.parameters():  # every rank starts from rank 0's policy;
             broadcast(p.data)               # all-reduced gradients keep it so
@@ -510,9 +583,10 @@ class AdaptiveTimestepSampler:
         u = (torch.arange(T, dtype=torch.float64) + 0.5) / T           # bin centres u_t
         self.log_u, self.log_1mu = u.log().float().to(device), (-u).log1p().float().to(device)
         self.noise_gen = torch.Generator().manual_seed(seed)
-        self.step = 0                                                  # global step counter
-        self.S = torch.arange(num_selected)                            # selected timesteps
-        self.queue_x = torch.zeros(0, T, dtype=torch.float64)          # sweep deltas (n, T)
+        self.step = 0                                                  # optimizer steps seen
+        self.updates = 0                                               # policy updates taken
+        self.S = probed[:num_selected].clone()                         # selected timesteps
+        self.queue_x = torch.zeros(0, len(probed), dtype=torch.float64)  # sweep deltas (n, T/k)
         self.queue_y = torch.zeros(0, dtype=torch.float64)             # their sums (n,)
 
     @staticmethod
@@ -562,9 +636,10 @@ class AdaptiveTimestepSampler:
 
     @contextlib.contextmanager
     def around_update(self, x0, t, losses=None):
-        """Wrap the model update. Every f_S-th global step: probe, update, probe, learn. The yielded
-        dict is then filled with the update's batch-mean pi(t) 'p' (T,), the mean 'reward', the
-        mean 'entropy' and 'S'."""
+        """Wrap the model update. Every f_S-th optimizer step: probe, update, probe, learn. The
+        yielded dict is then filled with the update's batch-mean pi(t) 'p' (T,), 'S', the rewards'
+        mean and root mean square ('reward', 'reward_rms'), the mean 'entropy', the batch-mean KL
+        of pi from uniform ('kl_uniform') and from itself before this update ('kl_step')."""
         due = self.step % self.update_every == 0
         self.step += 1
         stats = {}
@@ -573,14 +648,14 @@ class AdaptiveTimestepSampler:
             return
         x0 = x0.detach().float()
         x_star = broadcast(x0[:1].clone())                             # every rank sweeps one image
-        sweep_noise = torch.randn((self.T, *x0.shape[1:]), generator=self.noise_gen)
+        sweep_noise = torch.randn((len(self.probed), *x0.shape[1:]), generator=self.noise_gen)
         reward_noise = torch.randn((x0.shape[0], self.num_selected, *x0.shape[1:]),
                                    generator=self.noise_gen)
         S = self.S.clone()
         before = self._probe(x_star, sweep_noise, x0, S, reward_noise)
         yield stats                                                    # the model update
         after = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        delta_sweep, D = before[0] - after[0], before[1] - after[1]    # (T,), (B, |S|)
+        delta_sweep, D = before[0] - after[0], before[1] - after[1]    # (T/k,), (B, |S|)
         finite = float(delta_sweep.isfinite().all() and D.isfinite().all())
         if all_reduce(torch.tensor(finite, device=D.device)).item() < world()[1]:
             return  # a diverged model on some rank: the sampler stays as it was
@@ -590,8 +665,8 @@ class AdaptiveTimestepSampler:
 
     @torch.no_grad()
     def _probe(self, x_star, sweep_noise, x0, S, reward_noise):
-        """L_t(x*) for all t and L_s(x0_i) for s in S: (T,), (B, |S|). With fixed noise per
-        (image, t), in eval mode and in fp32, so that no update means exactly zero reward."""
+        """L_t(x*) for the swept t and L_s(x0_i) for s in S: (T/k,), (B, |S|). With fixed noise
+        per (image, t), in eval mode and in fp32, so that no update means exactly zero reward."""
         no_dropout = evaluating(self.model) if self.model is not None else contextlib.nullcontext()
         with no_dropout, torch.autocast(x0.device.type, enabled=False):
             sweep = self.sweep(x_star, sweep_noise)
@@ -604,14 +679,14 @@ class AdaptiveTimestepSampler:
 
     @torch.no_grad()
     def sweep(self, x_star, noise):
-        """L_t(x*) for t = 0..T-1 with noise[t]: (T,). Each rank computes a slice; a sum joins
-        them."""
+        """L_t(x*) at the swept timesteps 0, k, 2k, ... with noise[i] for the i-th: (T/k,). Each
+        rank computes a slice; a sum joins them."""
         rank, size = world()
-        mine = torch.arange(self.T).tensor_split(size)[rank]          # this rank's timesteps
-        t = mine.to(x_star.device)
-        full = torch.zeros(self.T, device=x_star.device)
-        full[t] = self._chunked(x_star.expand(len(t), *x_star.shape[1:]), t,
-                                noise[mine].to(x_star.device))
+        mine = torch.arange(len(self.probed)).tensor_split(size)[rank]  # this rank's share
+        t = self.probed[mine].to(x_star.device)
+        full = torch.zeros(len(self.probed), device=x_star.device)
+        full[mine.to(x_star.device)] = self._chunked(x_star.expand(len(t), *x_star.shape[1:]), t,
+                                                     noise[mine].to(x_star.device))
         return all_reduce(full).double().cpu()
 
     def _chunked(self, x, t, noise):
@@ -626,7 +701,7 @@ class AdaptiveTimestepSampler:
         self.queue_y = torch.cat([self.queue_y, delta.sum()[None]])[-self.queue_size:]
         if len(self.queue_y) >= 3:
             scores = self.f_scores(self.queue_x, self.queue_y)
-            self.S = scores.topk(self.num_selected).indices.sort().values
+            self.S = self.probed[scores.topk(self.num_selected).indices].sort().values
 
     @staticmethod
     def f_scores(X, y):
@@ -642,22 +717,59 @@ class AdaptiveTimestepSampler:
         return r2 / (1 - r2) * (len(y) - 2)
 
     def _learn(self, x0, t, reward):
-        """One REINFORCE step on the policy (ATS Eq. 13); returns where the policy stood."""
+        """One REINFORCE step on the policy (ATS Eq. 13); returns where the policy stood and how
+        far the step moved it."""
+        size = world()[1]
+        rms = (all_reduce(reward.pow(2).mean()) / size).sqrt().item()  # the rewards' scale
+        mean_reward = reward.mean().item()
+        if self.reward_norm and rms > 0:
+            reward = reward / rms
+        if self.policy_warmup:  # the learning rate ramps up over the first policy_warmup updates
+            for group in self.opt.param_groups:
+                group["lr"] = self.policy_lr * min(1.0, (self.updates + 1) / self.policy_warmup)
         with torch.autocast(x0.device.type, enabled=False):
             logp = self.log_probs(x0)                                  # (B, T), with grad
         loss = self.policy_loss(logp, t, reward.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in self.policy.parameters():                             # the mean over ranks
-            p.grad = all_reduce(p.grad) / world()[1]
+            p.grad = all_reduce(p.grad) / size
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
+        before = [p.detach().clone() for p in self.policy.parameters()] if self.max_kl else None
         self.opt.step()
+        self.updates += 1
+        logp = logp.detach()
+        kl = self._kl_from(logp, x0)
+        if self.max_kl and kl > self.max_kl:
+            kl = self._shrink_step(before, logp, x0)
         if not torch.stack([w.isfinite().all() for w in self.policy.parameters()]).all():
             raise FloatingPointError("the policy's weights became inf or NaN (policy_lr too high?)")
-        p = logp.detach().exp()                                        # pi before the step: (B, T)
-        entropy = -(p * logp.detach()).sum(1)
-        return {"p": p.mean(0).cpu(), "reward": reward.mean().item(),
-                "entropy": entropy.mean().item()}
+        p = logp.exp()                                                 # pi before the step: (B, T)
+        entropy = -(p * logp).sum(1).mean().item()
+        return {"p": p.mean(0).cpu(), "reward": mean_reward, "reward_rms": rms, "entropy": entropy,
+                "kl_uniform": math.log(self.T) - entropy, "kl_step": kl}
+
+    @torch.no_grad()
+    def _kl_from(self, logp_old, x0):
+        """Batch-mean KL(pi_now || pi_old) over x0, averaged over ranks: a float."""
+        with torch.autocast(x0.device.type, enabled=False):
+            logp = self.log_probs(x0)
+        kl = (logp.exp() * (logp - logp_old)).sum(1).mean()
+        return (all_reduce(kl) / world()[1]).item()
+
+    @torch.no_grad()
+    def _shrink_step(self, before, logp_old, x0, halvings=10):
+        """Halve the policy's last step until its KL is within max_kl (undo it if 10 halvings do
+        not get there); returns the KL it kept."""
+        for _ in range(halvings):
+            for p, p0 in zip(self.policy.parameters(), before):
+                p.lerp_(p0, 0.5)
+            kl = self._kl_from(logp_old, x0)
+            if kl <= self.max_kl:
+                return kl
+        for p, p0 in zip(self.policy.parameters(), before):
+            p.copy_(p0)
+        return 0.0
 
     def policy_loss(self, logp, t, reward):
         """-mean_i[ log(T pi(t_i)) (r_i + c_ent (H_i - log T)) ] (ATS Eq. 13, discretised).
@@ -674,17 +786,28 @@ class AdaptiveTimestepSampler:
 
     def state_dict(self):
         return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
-                "step": self.step, "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
+                "step": self.step, "updates": self.updates, "sweep_stride": self.sweep_stride,
+                "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
                 "noise_gen": self.noise_gen.get_state()}
 
     def load_state_dict(self, state):
+        """Restore a state_dict, copying every tensor: two samplers never share one."""
+        if state.get("sweep_stride", 1) != self.sweep_stride:
+            raise ValueError(f"this sampler state was saved with sweep_stride "
+                             f"{state.get('sweep_stride', 1)}, not {self.sweep_stride}")
         self.policy.load_state_dict(state["policy"])
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:  # the learning rate given now wins over the saved one
             group["lr"] = self.policy_lr
-        self.step, self.S = state["step"], state["S"]
-        self.queue_x, self.queue_y = state["queue_x"], state["queue_y"]
+        for moments in self.opt.state.values():  # Adam may keep the given tensors themselves
+            for key, value in moments.items():
+                moments[key] = value.clone() if torch.is_tensor(value) else value
+        self.step = state["step"]
+        self.updates = state.get("updates", self.step // self.update_every)
+        self.S = state["S"].clone()
+        self.queue_x, self.queue_y = state["queue_x"].clone(), state["queue_y"].clone()
         self.noise_gen.set_state(state["noise_gen"])
+# <<< ATS: copy to here. ----------------------------------------------------------------------
 
 
 # -------------------------------------------------------------------------------------------------

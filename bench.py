@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -135,7 +136,7 @@ def speed(args, device):
     """Interleave uniform and ATS cycles (A B A B) after a warm-up cycle each; print the breakdown.
     """
     over = {"T": args.T, "batch_size": args.batch_size, "update_every": args.update_every,
-            "num_selected": args.num_selected}
+            "num_selected": args.num_selected, "sweep_stride": args.sweep_stride}
     over = {key: value for key, value in over.items() if value is not None}
     if args.quick:  # a small-size path for CPU; explicit flags still win
         over = {"T": 200, "batch_size": 16, "update_every": 10, **over}
@@ -152,7 +153,10 @@ def speed(args, device):
             cycles[name].append(cycle(trainer))
     policy = trainers["ats"].sampler
     policy_s = statistics.median(time_it(lambda: policy.sample(x0)) for _ in range(20))
-    return report_speed(cfg, cycles, policy_s, device)
+    result = report_speed(cfg, cycles, policy_s, device)
+    if args.profile and not args.throughput:  # else the last throughput row is profiled
+        save_profile(trainers["ats"], x0, args.profile, device, every, "one f_S cycle of ATS")
+    return result
 
 
 def report_speed(cfg, cycles, policy_s, device):
@@ -162,22 +166,24 @@ def report_speed(cfg, cycles, policy_s, device):
     uniform = statistics.median(t for c in cycles["uniform"] for t in c)
     probe = statistics.median((c[0] - statistics.median(c[1:] or [0.0])) / sum(c)
                               for c in cycles["ats"])
-    B, T, f_S, k = cfg.batch_size, cfg.T, cfg.update_every, cfg.num_selected
-    fwd = 2 * (T + B * k) / (f_S * 3 * B)
-    out = {"device": device_name(device), "T": T, "B": B, "f_S": f_S, "S": k,
+    B, T, f_S, k, stride = (cfg.batch_size, cfg.T, cfg.update_every, cfg.num_selected,
+                            cfg.sweep_stride)
+    fwd = 2 * (math.ceil(T / stride) + B * k) / (f_S * 3 * B)
+    out = {"device": device_name(device), "T": T, "B": B, "f_S": f_S, "S": k, "stride": stride,
            "uniform_s": per_step["uniform"], "ats_s": per_step["ats"],
            "ratio": per_step["ats"] / per_step["uniform"], "probe_share": probe,
            "policy_ms_ordinary_step": 1e3 * (ordinary - uniform),
            "policy_ms_forward": 1e3 * policy_s,
            "probe_forward_overhead": fwd, "cycles": len(cycles["ats"])}
-    print(f"speed on {out['device']}, torch {torch.__version__}: T={T} B={B} f_S={f_S} |S|={k}, "
+    print(f"speed on {out['device']}, torch {torch.__version__}: T={T} B={B} f_S={f_S} |S|={k} "
+          f"sweep stride {stride}, "
           f"{out['cycles']} interleaved cycles of {f_S} steps each after warm-up")
     print(f"  median time per step  uniform {1e3 * out['uniform_s']:.1f} ms   "
           f"ats {1e3 * out['ats_s']:.1f} ms (amortised over full f_S cycles, probes included)")
     print(f"  ratio ats/uniform     {out['ratio']:.3f}")
     print(f"  probe share of ats    {100 * probe:.1f}% of its cycle time (probe before/after + "
           f"policy update), i.e. +{100 * probe * out['ratio']:.1f}% over uniform; counting "
-          f"forwards predicts +{100 * fwd:.1f}% = 2(T+B|S|)/(3B f_S)")
+          f"forwards predicts +{100 * fwd:.1f}% = 2(ceil(T/k)+B|S|)/(3B f_S)")
     print(f"  policy net, ordinary  {out['policy_ms_ordinary_step']:+.2f} ms per step (ats minus "
           f"uniform median), policy forward + draw alone {out['policy_ms_forward']:.2f} ms")
     return out
@@ -230,7 +236,7 @@ def throughput(cfg, device, warmup, steps, try_compile, profile_path):
         rows.append({"label": label, "amp": amp, "channels_last": channels_last,
                      "compile": compiled, "images_s": ips, "tflops": tflops})
     if profile_path and rows:
-        save_profile(trainer, x0, profile_path, device)
+        save_profile(trainer, x0, profile_path, device, 10, "the last row")
     return rows
 
 
@@ -244,19 +250,45 @@ def flops_per_image(cfg, device):
     return counter.get_total_flops() / cfg.batch_size
 
 
-def save_profile(trainer, x0, path, device):
-    """The top kernels of 10 steps of the last setting, as a text table."""
+def check_profile_path(path):
+    """Refuse, before any timing, a --profile file that could not be written."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if path and (os.path.isdir(path) or not os.path.isdir(folder)
+                 or not os.access(folder, os.W_OK)):
+        raise SystemExit(f"error: --profile {path}: "
+                         + ("it is a folder" if os.path.isdir(path) else
+                            f"the folder {folder} does not exist or is not writable")
+                         + ": give a file in a writable folder, or --profile '' for none")
+
+
+def save_profile(trainer, x0, path, device, steps, what):
+    """The top kernels of `steps` training steps, as torch.profiler's text table. When the profiler
+    records nothing twice (these CUDA wheels' kineto can fail to start on a machine without a
+    GPU), cProfile's top functions of the same steps instead, saying so in the file and here."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(10):
-            trainer.train_step(x0)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    note, table = " (torch.profiler recorded no events, twice: cProfile's table instead)", None
+    for _ in range(2):
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                trainer.train_step(x0)
+        if len(prof.key_averages()):
+            note, table = "", prof.key_averages().table(sort_by=key, row_limit=30)
+            break
+    if table is None:
+        import cProfile
+        import io
+        import pstats
+        profiler, out = cProfile.Profile(), io.StringIO()
+        profiler.runcall(lambda: [trainer.train_step(x0) for _ in range(steps)])
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        table = out.getvalue()
     with open(path, "w") as f:
-        f.write(f"{device_name(device)}, torch {torch.__version__}, 10 steps\n")
-        f.write(prof.key_averages().table(sort_by=key, row_limit=30))
-    print(f"  profile of the last row: {path}")
+        f.write(f"{device_name(device)}, torch {torch.__version__}, {steps} steps of {what}"
+                f"{note}\n{table}")
+    print(f"  profile of {what}: {path}{note}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -421,6 +453,35 @@ class BonusEntropySampler(ats.AdaptiveTimestepSampler):
         return -(reward * chosen).mean() - self.entropy_coef * entropy.mean()
 
 
+def reward_scaled(factor):
+    """ATS with every reward multiplied by `factor`: a control for the reward's scale, which sets
+    how strongly the entropy term (fixed c_ent) pulls the policy back toward uniform."""
+    class RewardScaledSampler(ats.AdaptiveTimestepSampler):
+        def _learn(self, x0, t, reward):
+            return super()._learn(x0, t, reward * factor)
+    return RewardScaledSampler
+
+
+class WithoutLastSampler(ats.AdaptiveTimestepSampler):
+    """ATS whose S never holds t = T-1: a control for the last VLB term, which dominates the
+    bound (and the rewards) under a cosine schedule clipped at beta = 0.999."""
+
+    def f_scores(self, X, y):
+        scores = super().f_scores(X, y)
+        scores[-1] = -1.0 if self.probed[-1] == self.T - 1 else scores[-1]
+        return scores
+
+
+class RandomInitSampler(ats.AdaptiveTimestepSampler):
+    """ATS whose policy's output layer starts from small random weights (std 1e-3) instead of 0:
+    a control for the zero init, which blocks every hidden layer's gradient at the first update."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        with torch.no_grad():
+            self.policy[-1].weight.normal_(0, 1e-3)
+
+
 # Named variants: train.Config overrides, plus `sampler_cls` for an ATS subclass.
 VARIANTS = {
     "uniform": {"sampler": "uniform"},
@@ -433,6 +494,15 @@ VARIANTS = {
     "lsm": {"sampler": "loss-second-moment"},
     "ats-min-snr": {"sampler": "ats", "weighting": "min-snr"},
     "ats-bonus": {"sampler": "ats", "sampler_cls": BonusEntropySampler},
+    "ats-stride10": {"sampler": "ats", "sweep_stride": 10},
+    "ats-stride50": {"sampler": "ats", "sweep_stride": 50},
+    "ats-stride10-f10": {"sampler": "ats", "sweep_stride": 10, "update_every": 10},
+    # controls for the causes of the policy's early swings
+    "ctl-warmup10": {"sampler": "ats", "policy_warmup": 10},
+    "ctl-random-init": {"sampler": "ats", "sampler_cls": RandomInitSampler},
+    "ctl-no-last": {"sampler": "ats", "sampler_cls": WithoutLastSampler},
+    "ctl-reward-x1e4": {"sampler": "ats", "sampler_cls": reward_scaled(1e4)},
+    "ctl-reward-x1e-4": {"sampler": "ats", "sampler_cls": reward_scaled(1e-4)},
 }
 DEFAULT_VARIANTS = "uniform,ats-paper,ats-placebo,lognormal"
 ALL_VARIANTS = "uniform,ats-paper,ats-placebo,min-snr,lognormal,p2,speed,lsm,ats-min-snr"
@@ -440,7 +510,8 @@ STUDY_VARIANTS = "uniform,ats-paper,ats-placebo,lsm,lognormal,speed"
 
 
 def parse_variants(names, extra):
-    """The variants to run: named ones ('all' for ALL_VARIANTS), plus `name:key=value,...`."""
+    """The variants to run: named ones ('all' for ALL_VARIANTS), plus `name:key=value,...`, an ATS
+    variant, or one built on a named variant with `name:base=ats-placebo,key=value,...`."""
     names = ALL_VARIANTS if names == "all" else names
     chosen = {}
     for name in names.split(","):
@@ -450,7 +521,12 @@ def parse_variants(names, extra):
         chosen[name] = dict(VARIANTS[name])
     for spec in extra:
         name, _, text = spec.partition(":")
-        chosen[name] = {"sampler": "ats", **parse_overrides(text)}
+        over = parse_overrides(text)
+        base = over.pop("base", "ats-paper")
+        if base not in VARIANTS:
+            raise SystemExit(f"error: --variant {name}: unknown base {base!r}: choose from "
+                             f"{sorted(VARIANTS)}")
+        chosen[name] = {**VARIANTS[base], **over}
     return chosen
 
 
@@ -473,7 +549,7 @@ def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
     (robust to other processes sharing the machine) and as wall-clock seconds."""
     trainer = build(cfg, device, sampler_cls=sampler_cls)
     data = batches(train_x, cfg.batch_size, seeded(cfg.seed))
-    log, curve, cpu, wall = train.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0
+    log, curve, cpu, wall, updates = train.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0, []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tic = time.process_time(), time.perf_counter()
     for _ in trainer.run(data, evals[-1]):
@@ -481,6 +557,7 @@ def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
         cpu, wall = cpu + time.process_time() - tic[0], wall + time.perf_counter() - tic[1]
         if trainer.sampler_stats:
             log.record(trainer.step - 1, trainer.sampler_stats, cfg.update_every)
+            updates.append(update_record(trainer.step - 1, log.summary))
         if trainer.step in evals:
             curve.append({"step": trainer.step, "cpu_seconds": cpu, "wall_seconds": wall,
                           **evaluate(trainer)})
@@ -488,8 +565,16 @@ def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
     last_p = log.history[-1] if log.history else None
     final_p = None if last_p is None else [float(f"{v:.6g}") for v in last_p.tolist()]
     record = {"config": dataclasses.asdict(cfg), "curve": curve,
-              "quarters": log.summary.get("quarters"), "final_p": final_p}
+              "quarters": log.summary.get("quarters"), "final_p": final_p, "updates": updates}
     return record, log.history
+
+
+def update_record(step, summary):
+    """What one sampler update did, for the run's record: its step, how far it moved the policy,
+    the policy's distance from uniform, the rewards' scale, S and where the mass is."""
+    keep = ("kl_step", "kl_uniform", "reward", "reward_rms", "mean_t")
+    return {"step": step, **{k: float(f"{summary[k]:.6g}") for k in keep},
+            "S": summary["S"], "quarters": summary["quarters"]}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -577,12 +662,47 @@ def read_results(folder):
     try:
         with open(path) as f:
             results = json.load(f)
-        if not isinstance(results["runs"], list) or "code" not in results["provenance"]:
-            raise KeyError("provenance")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): it is missing or was "
                          "not written by this version of bench.py converge") from None
+    problem = results_problem(results)
+    if problem:
+        raise SystemExit(f"error: cannot use {path}: {problem}; it was not written by this version "
+                         "of bench.py converge, or was edited")
     return results
+
+
+# What the report reads from a results.json: its keys, the keys of three of its parts, each run's
+STUDY = ("steps", "evals", "config", "eval", "noise", "clock", "provenance", "variants", "runs")
+PARTS = {"eval": ("train_images", "held_out_images", "nll_images", "samples", "ddim_steps",
+                  "feature_net_accuracy"), "noise": ("n", "draws", "kid", "fd"),
+         "provenance": ("code", "commit", "torch", "device")}
+RUN = ("variant", "seed", "config", "curve", "quarters", "final_p")
+
+
+def results_problem(results):
+    """What keeps `results` from being a converge study the report can read, in words; or None."""
+    if not isinstance(results, dict) or any(k not in results for k in STUDY):
+        return f"it is not an object with {', '.join(STUDY)}"
+    for key, inner in PARTS.items():
+        if not isinstance(results[key], dict) or any(k not in results[key] for k in inner):
+            return f"its {key!r} lacks one of {', '.join(inner)}"
+    if not all(isinstance(results[k], list) for k in ("evals", "variants", "runs")):
+        return "its evals, variants and runs are not lists"
+    point = ("step", results["clock"], *METRICS)
+    for i, run in enumerate(results["runs"], start=1):
+        if not (isinstance(run, dict) and all(k in run for k in RUN)
+                and isinstance(run["variant"], str) and type(run["seed"]) is int):
+            return f"run {i} lacks one of {', '.join(RUN)}"
+        curve, name = run["curve"], f"run {i} ({run['variant']} seed {run['seed']})"
+        if not isinstance(curve, list) or len(curve) != len(results["evals"]):
+            return f"{name} does not have its {len(results['evals'])} evaluations"
+        if not all(isinstance(p, dict) and all(type(p.get(k)) in (int, float) for k in point)
+                   for p in curve):
+            return f"{name} has an evaluation without {', '.join(point)}"
+        if not all(v is None or isinstance(v, list) for v in (run["quarters"], run["final_p"])):
+            return f"{name} has quarters or final_p that are not lists"
+    return None
 
 
 def same_study(a, b, what):
@@ -688,12 +808,68 @@ def write_report(results, out, quiet=False):
             lines.append(f"| {name} | {p['step']} | {p['seconds']:.0f} | "
                          f"{pm(p['nll'], p['nll_std'], '.3f')} | {fmt_kid(p['kid'], p['kid_std'])}"
                          f" | {pm(p['fd'], p['fd_std'], '.2f')} |")
+    lines += swings(results)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines[1:]))
     plot(summary, results, out, quiet)
+    plot_updates(results, out)
     return {**results, "summary": summary}
+
+
+def swings(results):
+    """results.md's table of how each ATS run's policy moved: its largest per-update KLs and when,
+    the longest stretch with 90% of its mass in one quarter of t, how often t = T-1 was in S, and
+    the rewards' typical scale."""
+    runs = [r for r in results["runs"] if r.get("updates")]
+    if not runs:
+        return []
+    lines = ["", "How the policy moved, per sampler update: the batch-mean KL(pi after || pi "
+             "before) of its three largest updates (at step), the longest stretch of updates "
+             "with >= 90% of the mass in one quarter of t, the share of updates with t = T-1 in "
+             "S, and the median RMS of the rewards (bits/dim).", "",
+             "| variant | seed | largest update KLs | longest >= 90% in one quarter | T-1 in S | "
+             "median reward RMS |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        ups, T = run["updates"], run["config"]["T"]
+        top = sorted(ups, key=lambda u: -u["kl_step"])[:3]
+        stretch, longest = [], []
+        for u in ups:
+            stretch = stretch + [u] if max(u["quarters"]) >= 0.9 else []
+            longest = max(longest, stretch, key=len)
+        held = (f"{len(longest)} updates, steps {longest[0]['step']}-{longest[-1]['step']}"
+                if longest else "none")
+        last = sum(T - 1 in u["S"] for u in ups) / len(ups)
+        rms = statistics.median(u["reward_rms"] for u in ups)
+        lines.append(f"| {run['variant']} | {run['seed']} | "
+                     + ", ".join(f"{u['kl_step']:.2f} ({u['step']})" for u in top)
+                     + f" | {held} | {100 * last:.0f}% | {rms:.2g} |")
+    return lines
+
+
+def plot_updates(results, out):
+    """updates.png: each ATS run's per-update KL (how far one update moved the policy) and its KL
+    from uniform, against the training step."""
+    runs = [r for r in results["runs"] if r.get("updates")]
+    plt = train.pyplot() if runs else None
+    if plt is None:
+        return
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    fig, axes = plt.subplots(len(variants), 2, figsize=(11, 2.6 * len(variants)), squeeze=False)
+    for row, name in zip(axes, variants):
+        for run in (r for r in runs if r["variant"] == name):
+            steps = [u["step"] for u in run["updates"]]
+            for ax, key in zip(row, ("kl_step", "kl_uniform")):
+                ax.plot(steps, [max(u[key], 1e-6) for u in run["updates"]], lw=0.8,
+                        label=f"seed {run['seed']}")
+        for ax, what in zip(row, ("KL of one update", "KL from uniform")):
+            ax.set(yscale="log", xlabel="training step", ylabel=f"{what} (nats)",
+                   title=f"{name}: {what}")
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "updates.png"), dpi=100)
+    plt.close(fig)
 
 
 def plot(summary, results, out, quiet):
@@ -766,14 +942,24 @@ def merge(args):
     inputs = {os.path.realpath(f) for f in args.folders}
     if os.path.realpath(args.out) in inputs:
         raise SystemExit("error: --out is one of the folders being merged: choose a new folder")
+    if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)):
+        raise SystemExit(f"error: --out {args.out} exists and is not an empty folder (a report "
+                         "there would be overwritten): choose a new or empty folder")
     os.makedirs(args.out, exist_ok=True)
     for folder in args.folders:                          # the policy heatmaps come along
         for name in sorted(os.listdir(folder)):
             if name.startswith("policy_") and name.endswith(".png"):
                 shutil.copy2(os.path.join(folder, name), args.out)
-    variants = list(dict.fromkeys(v for p in parts for v in p["variants"]))
-    merged = {**parts[0], "variants": variants, "runs": runs,
-              "complete": all(p.get("complete") for p in parts),
+    # The report is of the runs there are; the study is complete when every variant (one that was
+    # run, or one that a folder planned) has a run for every seed that any run has
+    planned, ran = [v for p in parts for v in p["variants"]], [r["variant"] for r in runs]
+    seeds = sorted({r["seed"] for r in runs})
+    missing = [f"{v} seed {s}" for v in dict.fromkeys(planned + ran) for s in seeds
+               if (v, s) not in seen]
+    if missing:
+        print(f"incomplete: no run of {', '.join(missing)}")
+    merged = {**parts[0], "variants": list(dict.fromkeys(v for v in planned + ran if v in ran)),
+              "runs": runs, "complete": not missing,
               "merged_from": [os.path.abspath(f) for f in args.folders]}
     return write_report(merged, args.out)
 
@@ -803,6 +989,7 @@ def parse_args(argv):
     s.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
     s.add_argument("--update-every", type=int, help="f_S, steps between sampler updates")
     s.add_argument("--num-selected", type=int, help="|S|, timesteps in the reward")
+    s.add_argument("--sweep-stride", type=int, help="k, the probe sweeps every k-th timestep")
     s.add_argument("--cycles", type=int, default=3, help="timed f_S cycles per sampler")
     s.add_argument("--quick", action="store_true", help="small sizes for a CPU check")
     s.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
@@ -812,7 +999,8 @@ def parse_args(argv):
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="in the throughput table, also try torch.compile")
     s.add_argument("--profile", default="docs/profile.txt",
-                   help="write a torch.profiler table here ('' for none)")
+                   help="write a torch.profiler table of the last throughput row, or without "
+                        "--throughput of one f_S cycle of ATS, here ('' for none)")
     c = sub.add_parser("converge", parents=[common],
                        help="uniform, ATS, its placebo and heuristics on sklearn's 8x8 digits")
     c.add_argument("--preset", default="tiny", help="base preset; the digits settings override it")
@@ -849,12 +1037,18 @@ def main(argv=None):
         device = ats.pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}") from None
+    if args.preset is not None and args.preset not in train.PRESETS:
+        raise SystemExit(f"error: unknown --preset {args.preset!r}: choose from "
+                         f"{', '.join(train.PRESETS)}")
     if args.command == "speed":
         if args.cycles < 1 or args.tp_steps < 1 or args.tp_warmup < 0:
             raise SystemExit("error: --cycles and --tp-steps must be at least 1, --tp-warmup >= 0")
+        check_profile_path(args.profile)
         args.preset = args.preset or ("cifar10" if device.type == "cuda" else "tiny")
+        if args.throughput is None:
+            args.throughput = device.type == "cuda"
         result = speed(args, device)
-        if args.throughput if args.throughput is not None else device.type == "cuda":
+        if args.throughput:
             over = {"batch_size": args.batch_size} if args.batch_size else {}
             cfg = make_config(args.preset, {**over, **parse_overrides(args.set)})
             result["throughput"] = throughput(cfg, device, args.tp_warmup, args.tp_steps,

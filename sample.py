@@ -17,14 +17,21 @@ import sys
 
 
 def interrupted_while_starting(signum, frame):
-    print("interrupted while starting: no image was written", file=sys.stderr)
+    try:                                          # after SIGHUP the terminal may be gone
+        print(f"interrupted while starting ({signal.Signals(signum).name}): no image was written",
+              file=sys.stderr)
+    except OSError:
+        pass
     raise SystemExit(130)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+if __name__ == "__main__":  # a signal while torch loads: one line, not an import traceback
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupted_while_starting)
 
 import argparse
+import hashlib
+import io
 import json
 import math
 import os
@@ -37,8 +44,7 @@ import torchvision
 from PIL import Image
 
 import ats
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from train import memory_for
 
 
 def parse_args(argv=None):
@@ -101,20 +107,21 @@ def check_grid_path(grid):
 
 
 def open_folder(out_dir, made_from):
-    """How many images out_dir holds already, after checking that every one of them is there,
-    whole, and made as `made_from` says. Refuses, with one line, a folder it cannot vouch for."""
+    """The SHA-256 of each image out_dir holds already, in order, after checking that every one of
+    them is there, byte for byte as written, and made as `made_from` says. Refuses, with one line,
+    a folder it cannot vouch for."""
     record = os.path.join(out_dir, "samples.json")
     if not os.path.exists(record):
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             raise SystemExit(f"error: {out_dir} holds files but no samples.json, so its images "
                              "cannot be vouched for: use an empty or new --out-dir")
         os.makedirs(out_dir, exist_ok=True)
-        write_json(record, {**made_from, "count": 0})
-        return 0
+        write_json(record, {**made_from, "count": 0, "sha256": []})
+        return []
     try:
         with open(record) as f:
             old = json.load(f)
-        count = int(old.pop("count"))
+        count, digests = old.pop("count"), old.pop("sha256", None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: {record} is unreadable ({type(e).__name__}), so the folder's "
                          "images cannot be vouched for: use a new --out-dir") from None
@@ -122,27 +129,61 @@ def open_folder(out_dir, made_from):
         diff = ", ".join(f"{k} {old.get(k)!r} (now {v!r})" for k, v in made_from.items()
                          if old.get(k) != v)
         raise SystemExit(f"error: {out_dir} holds images made with {diff}: use another --out-dir")
+    if type(count) is not int or count < 0:
+        raise SystemExit(f"error: {record} gives the count {count!r}, which no folder holds: it "
+                         "was edited; use a new --out-dir")
+    if not (isinstance(digests, list) and len(digests) == count):
+        raise SystemExit(f"error: {record} does not record the SHA-256 of each of its {count} "
+                         "images (an older sample.py wrote it, or it was edited), so they cannot "
+                         "be vouched for: use a new --out-dir")
     names = set(os.listdir(out_dir))
-    for i in range(count):
-        name = f"{i:06d}.png"
-        if name not in names or not is_png(os.path.join(out_dir, name)):
-            raise SystemExit(f"error: {out_dir} should hold {count} images, but {name} is missing "
-                             "or broken: the folder was changed after it was written; use a new "
-                             "--out-dir")
+    missing = [f"{i:06d}.png" for i in range(count) if f"{i:06d}.png" not in names]
+    if missing:
+        more = f" with {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SystemExit(f"error: {out_dir} should hold {count} images, but {missing[0]} is "
+                         f"missing{more}: the folder was changed after it was written; use a new "
+                         "--out-dir")
+    for i, digest in enumerate(digests):
+        check_image(os.path.join(out_dir, f"{i:06d}.png"), digest)
+    remove_leftovers(out_dir, names, count)
+    return digests
+
+
+def check_image(path, digest):
+    """Refuse, with one line, an image of the folder that is not, byte for byte, the file written:
+    a link, a folder, a file changed, cut short or replaced (which also catches any that would
+    not decode)."""
+    kind = "a symbolic link" if os.path.islink(path) else "a folder" if os.path.isdir(path) else (
+        None if os.path.isfile(path) else "not a regular file")
+    if kind:
+        raise SystemExit(f"error: {path} is {kind}, not an image this script wrote: put the image "
+                         "back, or use a new --out-dir")
+    try:
+        with open(path, "rb") as f:
+            same = hashlib.sha256(f.read()).hexdigest() == digest
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path} ({e.strerror}): make it readable, or use a "
+                         "new --out-dir") from None
+    if not same:
+        raise SystemExit(f"error: {path} is not the image this script wrote (its SHA-256 differs "
+                         "from samples.json's): the folder was changed after it was written; use "
+                         "a new --out-dir")
+
+
+def remove_leftovers(out_dir, names, count):
+    """Remove what an interrupted call left (images past the count, temporary files), to be made
+    again; refuse an image this script did not make, which an FID would count."""
     ours = re.compile(r"(\d{6,})\.png")
     for name in names:
-        m = ours.fullmatch(name)
+        m, path = ours.fullmatch(name), os.path.join(out_dir, name)
         if (m and int(m.group(1)) >= count) or name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))  # written by an interrupted call; made again
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise SystemExit(f"error: {path} is a folder, not a file this script wrote: move "
+                                 "it out, or use a new --out-dir")
+            os.remove(path)
         elif not m and os.path.splitext(name)[1].lower() in Image.registered_extensions():
             raise SystemExit(f"error: {out_dir} holds {name}, which this script did not make; it "
                              "would be counted in an FID: move it out, or use a new --out-dir")
-    return count
-
-
-def is_png(path):
-    with open(path, "rb") as f:
-        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
 
 
 def write_json(path, value):
@@ -152,9 +193,14 @@ def write_json(path, value):
 
 
 def save_png(image, path):
-    """Write one image atomically: a crash leaves the old file or none, never half of one."""
-    torchvision.utils.save_image(image, path + ".tmp", format="png")
+    """Write one image atomically (a crash leaves the old file or none, never half of one); return
+    the SHA-256 of its bytes, for samples.json."""
+    buffer = io.BytesIO()
+    torchvision.utils.save_image(image, buffer, format="png")
+    with open(path + ".tmp", "wb") as f:
+        f.write(buffer.getvalue())
     os.replace(path + ".tmp", path)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -187,13 +233,16 @@ def main(argv=None):
     made_from = {"ckpt": os.path.abspath(args.ckpt), "step": ckpt["step"], "seed": args.seed,
                  "weights": "raw" if args.no_ema else "ema", "method": method}
     shape = (model.config["in_ch"], model.config["image_size"], model.config["image_size"])
+    lower = "--batch-size" + (", or --n: --grid holds every image of the call" if args.grid else "")
     try:
-        first = open_folder(args.out_dir, made_from) if args.out_dir else 0
+        digests = open_folder(args.out_dir, made_from) if args.out_dir else []
+        first = len(digests)
         if args.fid and first > args.n:
             raise SystemExit(f"error: {args.out_dir} holds {first} images, more than --n {args.n}:"
                              f" the FID would count them all; pass --n {first} or more")
         check_space(args, shape, args.n - first)
-        images = generate(args, model, diffusion, ckpt, made_from, first, shape, device)
+        with memory_for(lower):
+            images = generate(args, model, diffusion, ckpt, made_from, digests, shape, device)
         if args.grid and images is not None:
             torchvision.utils.save_image(images, args.grid, nrow=math.ceil(math.sqrt(len(images))))
             print(f"wrote the grid {args.grid}")
@@ -222,9 +271,11 @@ def check_space(args, shape, todo):
                          f"{free / 1e6:.0f} MB free: make room or choose another place")
 
 
-def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
-    """Sample images first .. n-1 in batches, each image from its own noise; write them to the
-    folder as they come. Returns the images of this call (for the grid), or None if none."""
+def generate(args, model, diffusion, ckpt, made_from, digests, shape, device):
+    """Sample images first .. n-1 in batches (first = len(digests), the images the folder holds),
+    each image from its own noise; write them to the folder as they come, with their SHA-256.
+    Returns the images of this call (for the grid), or None if none."""
+    first = len(digests)
     todo = args.n - first if args.out_dir else args.n
     if todo <= 0:
         print(f"{args.out_dir} already holds {first} images (--n {args.n}): none to make")
@@ -233,7 +284,8 @@ def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
     print(f"{todo} images from {args.ckpt} (step {ckpt['step']}, {made_from['weights']} weights), "
           f"{made_from['method']}, {len(starts)} batch(es)", flush=True)
     images, tic, tty, done = [], time.time(), sys.stdout.isatty(), first
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C from here: see below
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, stop)                         # a signal from here on: see below
     try:
         for b, start in enumerate(starts, start=1):
             index = range(start, min(start + args.batch_size, first + todo))
@@ -252,10 +304,10 @@ def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
             x = ((x.float() + 1) / 2).cpu()                              # (b, C, H, W) in [0, 1]
             if args.out_dir:
                 for i, img in zip(index, x):
-                    save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
+                    digests.append(save_png(img, os.path.join(args.out_dir, f"{i:06d}.png")))
                 write_json(os.path.join(args.out_dir, "samples.json"),
-                           {**made_from, "count": index[-1] + 1})        # these are done
-                done = index[-1] + 1
+                           {**made_from, "count": len(digests), "sha256": digests})  # these: done
+                done = len(digests)
             if args.grid:
                 images.append(x)
             print(("\n" if tty else "") + f"batch {b}/{len(starts)} done, "
@@ -265,9 +317,21 @@ def generate(args, model, diffusion, ckpt, made_from, first, shape, device):
                 if args.out_dir else "no grid was written")
         print(f"\ninterrupted: {kept}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:                                           # Python's defaults: no longer starting
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     where = f" to {args.out_dir}" if args.out_dir else ""
     print(f"wrote {todo} images{where} in {time.time() - tic:.0f}s")
     return torch.cat(images) if images else None
+
+
+def stop(signum, _frame):
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal or ssh session) while sampling all stop it as
+    Ctrl-C does: every image written is whole, and one line says how many are complete."""
+    if signum == signal.SIGHUP and sys.stderr.isatty():  # the terminal is gone: printing to it
+        sys.stdout = sys.stderr = open(os.devnull, "w")   # would fail before that line
+    raise KeyboardInterrupt
 
 
 def score(scorer, args, made_from):

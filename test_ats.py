@@ -1,7 +1,6 @@
 """ats.py: the diffusion maths, the U-Net, the sampler API, the adaptive sampler, the Trainer and
 checkpoints. CPU only."""
 
-import inspect
 import math
 import os
 
@@ -125,6 +124,93 @@ def test_nll_bpd_is_sum_of_terms_and_chunk_independent():
     t = torch.arange(20).repeat(3)
     terms = d.vlb_terms(model, x0.repeat_interleave(20, 0), t, noise).view(3, 20)
     torch.testing.assert_close(a, terms.sum(1) + d.prior_bpd(x0))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quad", "cosine"])
+def test_betas_path_equals_name_path_bitwise(schedule):
+    """GaussianDiffusion(betas=...) of a schedule's betas has bitwise the name path's buffers, and
+    its config rebuilds it."""
+    named = ats.GaussianDiffusion(T=100, schedule=schedule)
+    given = ats.GaussianDiffusion(betas=ats.make_betas(schedule, 100))
+    assert given.T == 100
+    for (name, a), (_, b) in zip(named.named_buffers(), given.named_buffers()):
+        assert torch.equal(a, b), name
+    rebuilt = ats.GaussianDiffusion(**given.config)
+    assert all(torch.equal(a, b) for a, b in zip(given.buffers(), rebuilt.buffers()))
+
+
+def test_bad_betas_and_prediction_are_refused():
+    """Betas outside (0, 1), not 1-D, or not matching T, and an unknown prediction type, each
+    raise one ValueError."""
+    for betas in (torch.linspace(0, 0.02, 10), torch.linspace(1e-4, 1, 10), torch.ones(2, 5) / 9):
+        with pytest.raises(ValueError, match="beta"):
+            ats.GaussianDiffusion(betas=betas)
+    with pytest.raises(ValueError, match="T, if given"):
+        ats.GaussianDiffusion(betas=torch.full((10,), 0.01), T=20)
+    with pytest.raises(ValueError, match="'eps', 'v' or 'x0'"):
+        ats.GaussianDiffusion(prediction="epsilon")
+
+
+def as_prediction(eps_model, d, kind):
+    """eps_model rewritten to predict v or x0, by the exact identities, in float64."""
+    def forward(xt, t):
+        a = d.sqrt_abar.double()[t].view(-1, 1, 1, 1)
+        s = d.sqrt_1m_abar.double()[t].view(-1, 1, 1, 1)
+        eps = eps_model(xt, t).double()
+        x0 = (xt.double() - s * eps) / a
+        return (a * eps - s * x0 if kind == "v" else x0).float()
+    return forward
+
+
+@pytest.mark.parametrize("kind", ["v", "x0"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_v_and_x0_models_have_the_eps_models_vlb(kind, schedule):
+    """A model written to predict v (or x0) has the same VLB terms, at t = 0, 1, middle and T-1,
+    as the eps model it was converted from."""
+    torch.manual_seed(0)
+    T = 50
+    eps_d = ats.GaussianDiffusion(T=T, schedule=schedule)
+    other = ats.GaussianDiffusion(T=T, schedule=schedule, prediction=kind)
+    model = tiny_unet().eval()
+    with torch.no_grad():
+        model.conv_out.weight.normal_(0, 0.3)
+    x0, g = blobs(4), torch.Generator().manual_seed(1)
+    for t in (0, 1, 25, T - 1):
+        tt, noise = torch.full((4,), t), torch.randn((4, 1, 8, 8), generator=g)
+        expected = eps_d.vlb_terms(model, x0, tt, noise)
+        got = other.vlb_terms(as_prediction(model, eps_d, kind), x0, tt, noise)
+        torch.testing.assert_close(got, expected, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "x0"])
+def test_loss_is_zero_for_the_true_target(kind):
+    """L_simple is exactly 0 for a model that returns its prediction type's true target, whose v
+    is sqrt(abar) eps - sqrt(1 - abar) x0."""
+    d = ats.GaussianDiffusion(T=50, prediction=kind)
+    x0, g = blobs(6), torch.Generator().manual_seed(0)
+    t, noise = torch.randint(0, 50, (6,), generator=g), torch.randn((6, 1, 8, 8), generator=g)
+    a, s = d.abar[t].sqrt().view(-1, 1, 1, 1), (1 - d.abar[t]).sqrt().view(-1, 1, 1, 1)
+    target = {"eps": noise, "v": a * noise - s * x0, "x0": x0}[kind]
+    torch.testing.assert_close(d.target(x0, t, noise), target)
+    assert (d.loss(lambda xt, tt: d.target(x0, t, noise), x0, t, noise) == 0).all()
+    assert (d.loss(lambda xt, tt: torch.zeros_like(xt), x0, t, noise) > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["v", "x0"])
+def test_v_and_x0_models_sample_the_eps_models_images(kind):
+    """DDPM and DDIM give the same images from a v (or x0) model as from its eps form."""
+    torch.manual_seed(0)
+    eps_d, other = ats.GaussianDiffusion(T=30), ats.GaussianDiffusion(T=30, prediction=kind)
+    model = tiny_unet().eval()
+    with torch.no_grad():
+        model.conv_out.weight.normal_(0, 0.3)
+    converted, shape = as_prediction(model, eps_d, kind), (3, 1, 8, 8)
+    gen = lambda: torch.Generator().manual_seed(4)
+    for draw in ("ddpm_sample", "ddim_sample"):
+        kw = {"steps": 10} if draw == "ddim_sample" else {}
+        a = getattr(eps_d, draw)(model, shape, generator=gen(), **kw)
+        b = getattr(other, draw)(converted, shape, generator=gen(), **kw)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +491,156 @@ def test_queue_is_fifo_and_selects_planted_timesteps():
     assert len(s.queue_y) == 5 and torch.equal(s.queue_x[-1], delta)
 
 
+def recording(vlb_fn, seen):
+    """vlb_fn that also records the timesteps it is asked for."""
+    def fn(x0, t, noise):
+        seen.append(t.clone())
+        return vlb_fn(x0, t, noise)
+    return fn
+
+
+def updates(sampler, model, x0, n, lr=1e-3):
+    """n model updates, each wrapped by the sampler as Trainer.train_step wraps it."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    diffusion = ats.GaussianDiffusion(T=sampler.T)
+    for _ in range(n):
+        t = sampler.sample(x0)
+        opt.zero_grad()
+        diffusion.loss(model, x0, t).mean().backward()
+        with sampler.around_update(x0, t) as stats:
+            opt.step()
+    return stats
+
+
+def test_sweep_stride_probes_only_every_kth_timestep_and_s_stays_on_them():
+    """With sweep_stride k the sweep asks vlb_fn only for t = 0, k, 2k, ...; the queue has one
+    column per swept t, and S only ever holds swept timesteps."""
+    torch.manual_seed(0)
+    T, k = 50, 7
+    model, d, seen = tiny_unet(), ats.GaussianDiffusion(T=T), []
+    vlb = recording(lambda x0, t, n: d.vlb_terms(model, x0, t, n), seen)
+    s = ats.AdaptiveTimestepSampler(T, vlb, in_channels=1, model=model, update_every=1,
+                                    sweep_stride=k)
+    swept = set(range(0, T, k))
+    assert s.S.tolist() == [0, 7, 14]
+    x0 = blobs(4)
+    for _ in range(6):
+        updates(s, model, x0, 1)
+        assert set(s.S.tolist()) <= swept and len(s.S) == 3
+    asked = set(torch.cat(seen).tolist())
+    assert asked == swept and s.queue_x.shape == (6, len(swept))
+
+
+def test_stride_one_sweeps_every_timestep():
+    """sweep_stride 1, the default and the paper's, sweeps all T timesteps."""
+    torch.manual_seed(0)
+    model, d, seen = tiny_unet(), ats.GaussianDiffusion(T=20), []
+    vlb = recording(lambda x0, t, n: d.vlb_terms(model, x0, t, n), seen)
+    s = ats.AdaptiveTimestepSampler(20, vlb, in_channels=1, model=model, num_selected=2)
+    updates(s, model, blobs(2), 1)
+    assert seen[0].tolist() == list(range(20)) and s.queue_x.shape == (1, 20)
+
+
+def test_sweep_stride_is_checked_and_carried_by_the_state():
+    """A stride outside [1, T), or too few swept timesteps for |S|, is refused; a state saved with
+    one stride does not load into a sampler with another."""
+    for bad in ({"sweep_stride": 0}, {"sweep_stride": 50}, {"sweep_stride": 20, "num_selected": 4}):
+        with pytest.raises(ValueError, match="sweep_stride|num_selected"):
+            ats.AdaptiveTimestepSampler(50, vlb_fn=None, **bad)
+    a = ats.AdaptiveTimestepSampler(50, vlb_fn=None, sweep_stride=5)
+    b = ats.AdaptiveTimestepSampler(50, vlb_fn=None, sweep_stride=10)
+    with pytest.raises(ValueError, match="sweep_stride 5, not 10"):
+        b.load_state_dict(a.state_dict())
+
+
+def tensors(x):
+    """Every tensor inside a nested state (dicts, lists, tuples)."""
+    if torch.is_tensor(x):
+        return [x]
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return [t for v in values for t in tensors(v)]
+
+
+def test_load_state_dict_copies_so_no_tensor_is_shared():
+    """After s2.load_state_dict(s1.state_dict()) the two samplers share no tensor storage, and s2
+    holds s1's values."""
+    torch.manual_seed(0)
+    model, d = tiny_unet(), ats.GaussianDiffusion(T=20)
+    s1 = ats_sampler(20, model, d, update_every=1, num_selected=2)
+    updates(s1, model, blobs(4), 4)
+    s2 = ats_sampler(20, model, d, update_every=1, num_selected=2)
+    s2.load_state_dict(s1.state_dict())
+    mine, theirs = tensors(s1.state_dict()), tensors(s2.state_dict())    # both kept alive
+    shared = {t.untyped_storage().data_ptr() for t in mine} & {
+        t.untyped_storage().data_ptr() for t in theirs}
+    assert len(mine) == len(theirs) > 10 and not shared
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_update_stats_report_how_far_the_policy_moved():
+    """The stats of an update hold the rewards' mean and RMS, the KL from uniform of the policy it
+    started from, and the KL of its step, equal to an independent computation on the batch."""
+    torch.manual_seed(0)
+    model, d = tiny_unet(), ats.GaussianDiffusion(T=20)
+    s = ats_sampler(20, model, d, update_every=1, num_selected=2)
+    x0 = blobs(8)
+    updates(s, model, x0, 2)
+    before = s.probs(x0).double()
+    stats = updates(s, model, x0, 1)
+    after = s.probs(x0).double()
+    kl = (after * (after.log() - before.log())).sum(1).mean().item()
+    assert stats["kl_step"] == pytest.approx(kl, rel=1e-3, abs=1e-7) and stats["kl_step"] > 0
+    kl_uniform = (before * (before * 20).log()).sum(1).mean().item()
+    assert stats["kl_uniform"] == pytest.approx(kl_uniform, rel=1e-3, abs=1e-6)
+    assert stats["reward_rms"] >= abs(stats["reward"]) > 0
+
+
+def noise_rewards(sampler, n, scale=3.0):
+    """n REINFORCE steps on pure-noise rewards of the given scale; the KL of each step."""
+    g = torch.Generator().manual_seed(0)
+    x0, kls = torch.randn(32, 1, 8, 8, generator=g), []
+    for _ in range(n):
+        t = sampler.sample(x0, generator=g)
+        kls.append(sampler._learn(x0, t, scale * torch.randn(32, generator=g))["kl_step"])
+    return kls
+
+
+def test_max_kl_caps_every_policy_update():
+    """With max_kl the batch-mean KL of every policy step stays within it, where the released
+    settings let noise rewards swing the policy by far more."""
+    torch.manual_seed(0)
+    free = noise_rewards(ats.AdaptiveTimestepSampler(100, vlb_fn=None, in_channels=1), 4)
+    torch.manual_seed(0)
+    capped = noise_rewards(ats.AdaptiveTimestepSampler(100, None, 1, max_kl=0.01), 4)
+    assert max(free) > 0.1 and max(capped) <= 0.01
+
+
+def test_policy_warmup_ramps_the_learning_rate():
+    """policy_warmup W sets the policy's learning rate to lr (n + 1) / W at its n-th update, then
+    lr."""
+    s = ats.AdaptiveTimestepSampler(50, vlb_fn=None, in_channels=1, policy_lr=0.01,
+                                    policy_warmup=4)
+    lrs = []
+    for _ in range(6):
+        noise_rewards(s, 1)
+        lrs.append(s.opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+
+
+def test_reward_norm_makes_the_step_independent_of_the_rewards_scale():
+    """With reward_norm, rewards scaled by 1e4 move the policy as the unscaled ones do (without it,
+    they do not)."""
+    x0, policies = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), {}
+    for norm in (False, True):
+        for scale in (1e-4, 1.0):
+            torch.manual_seed(0)
+            s = ats.AdaptiveTimestepSampler(50, vlb_fn=None, in_channels=1, reward_norm=norm)
+            noise_rewards(s, 3, scale=scale)
+            policies[norm, scale] = s.probs(x0)
+    torch.testing.assert_close(policies[True, 1e-4], policies[True, 1.0], rtol=1e-3, atol=1e-6)
+    assert (policies[False, 1e-4] - policies[False, 1.0]).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # The Trainer, checkpoints and the samplers' image generation (sections 1, 5, 6)
 # ---------------------------------------------------------------------------------------------
@@ -568,20 +804,20 @@ def test_samplers_shape_range_and_determinism(method):
 # ---------------------------------------------------------------------------------------------
 
 
-def sweep_setup(T):
+def sweep_setup(T, stride=1):
     torch.manual_seed(0)
     model = tiny_unet().eval()
     d = ats.GaussianDiffusion(T=T)
-    s = ats_sampler(T, model, d)
+    s = ats_sampler(T, model, d, sweep_stride=stride, num_selected=2)
     g = torch.Generator().manual_seed(1)
-    return s, blobs(1), torch.randn((T, 1, 8, 8), generator=g)
+    return s, blobs(1), torch.randn((len(s.probed), 1, 8, 8), generator=g)
 
 
-def _sweep_worker(rank, world, port, T, out):
+def _sweep_worker(rank, world, port, T, stride, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        s, x_star, noise = sweep_setup(T)
+        s, x_star, noise = sweep_setup(T, stride)
         sweep = s.sweep(x_star, noise)
         if rank == 0:
             torch.save(sweep, out)
@@ -589,13 +825,13 @@ def _sweep_worker(rank, world, port, T, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("T, world", [(7, 2), (10, 3)])
-def test_split_sweep_equals_single_process_sweep(tmp_path, T, world):
-    """The T-sweep split over ranks (T not divisible by the world size) and summed equals one
-    process's."""
+@pytest.mark.parametrize("T, world, stride", [(7, 2, 1), (10, 3, 1), (23, 2, 4)])
+def test_split_sweep_equals_single_process_sweep(tmp_path, T, world, stride):
+    """The sweep split over ranks (swept timesteps not divisible by the world size, every or every
+    k-th t) and summed equals one process's."""
     out = tmp_path / "sweep.pt"
-    mp.spawn(_sweep_worker, args=(world, free_port(), T, str(out)), nprocs=world)
-    s, x_star, noise = sweep_setup(T)
+    mp.spawn(_sweep_worker, args=(world, free_port(), T, stride, str(out)), nprocs=world)
+    s, x_star, noise = sweep_setup(T, stride)
     torch.testing.assert_close(torch.load(out), s.sweep(x_star, noise),
                                rtol=1e-5, atol=1e-7)  # batch-size rounding
 
@@ -606,25 +842,38 @@ def test_split_sweep_equals_single_process_sweep(tmp_path, T, world):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_readme_snippet_runs_with_the_class_copied_alone():
-    """The README's snippet runs against AdaptiveTimestepSampler copied alone: the class, the rank
-    helpers and evaluating() from ats.py, with ats.py's imports, and nothing else of ats.py."""
-    text = open(os.path.join(HERE, "README.md")).read()
-    section = text[text.index("## Use the sampler in your own training loop"):]
+COPY_FROM, COPY_TO = "# >>> ATS: copy from here.", "# <<< ATS: copy to here."
+
+
+def copied_block():
+    """ats.py from the copy-from marker to the copy-to marker, as a reader would paste it."""
+    text = open(os.path.join(HERE, "ats.py")).read()
+    assert text.count(COPY_FROM) == 1 and text.count(COPY_TO) == 1
+    return text[text.index(COPY_FROM):text.index(COPY_TO)]
+
+
+def test_readme_snippet_runs_on_exactly_the_block_it_names():
+    """The README names the markers of the block to copy; that block runs with only the imports
+    it lists, and the README's loop runs on the copied AdaptiveTimestepSampler."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme[readme.index("## ATS in your codebase"):]
+    assert COPY_FROM in section and COPY_TO in section
     start = section.index("```python") + len("```python")
     code = section[start:section.index("```", start)]
     imports = ("import contextlib, math\nimport torch\nimport torch.distributed as dist\n"
                "import torch.nn as nn\nimport torch.nn.functional as F\n")
-    parts = [ats.world, ats.broadcast, ats.all_reduce, ats.evaluating, ats.AdaptiveTimestepSampler]
     copied = {}
-    exec(imports + "\n\n".join(inspect.getsource(p) for p in parts), copied)
+    exec(imports + copied_block(), copied)
     torch.manual_seed(0)
-    model, diffusion = tiny_unet(), ats.GaussianDiffusion(T=20)
-    scope = {"T": 20, "model": model, "diffusion": diffusion,
+    model = tiny_unet()
+    scope = {"betas": ats.make_betas("linear", 20), "model": model, "device": "cpu",
              "loader": [blobs(4), blobs(4, seed=1)],
-             "optimizer": torch.optim.Adam(model.parameters(), lr=1e-3)}
-    code = code.replace("from ats import AdaptiveTimestepSampler", "")
-    namespace = {**scope, "AdaptiveTimestepSampler": copied["AdaptiveTimestepSampler"]}
-    code = code.replace('device="cuda"', 'device="cpu"').replace("in_channels=3", "in_channels=1")
-    exec(code, namespace)
-    assert namespace["sampler"].step == 2 and len(namespace["sampler"].queue_y) == 1
+             "optimizer": torch.optim.Adam(model.parameters(), lr=1e-3),
+             "AdaptiveTimestepSampler": copied["AdaptiveTimestepSampler"],
+             "GaussianDiffusion": ats.GaussianDiffusion}
+    lines = code.strip().splitlines()
+    assert lines[0].startswith("from ats import AdaptiveTimestepSampler, GaussianDiffusion")
+    exec("\n".join(lines[1:]).replace("in_channels=3", "in_channels=1"), scope)
+    sampler = scope["sampler"]
+    assert type(sampler) is copied["AdaptiveTimestepSampler"]
+    assert sampler.step == 2 and len(sampler.queue_y) == 1

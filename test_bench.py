@@ -36,7 +36,7 @@ def test_speed_reports_finite_numbers(tmp_path):
         assert math.isfinite(result[key]), key
     assert len(result["throughput"]) == 4
     assert all(row["images_s"] > 0 for row in result["throughput"])
-    assert "convolution" in (tmp_path / "profile.txt").read_text()
+    assert "conv" in (tmp_path / "profile.txt").read_text()     # _slow_conv2d, or cProfile's conv2d
 
 
 @pytest.mark.parametrize("flags", [["--tp-steps", "0"], ["--cycles", "0"], ["--tp-warmup", "-1"]])
@@ -45,6 +45,59 @@ def test_speed_refuses_settings_that_measure_nothing(flags):
     with pytest.raises(SystemExit) as e:
         bench.main(["speed", "--device", "cpu", "--quick", "--throughput", *flags])
     assert e.value.code.startswith("error:") and flags[0] in e.value.code
+
+
+def test_speed_without_throughput_profiles_an_ats_cycle(tmp_path):
+    """On CPU without --throughput, --profile still writes torch.profiler's table: of one f_S
+    cycle of the ATS trainer that speed timed."""
+    bench.main(["speed", "--device", "cpu", "--quick", "--batch-size", "4", "--update-every", "2",
+                "--cycles", "1", "--profile", str(tmp_path / "p.txt"), "--set",
+                TOY_MODEL + ",image_size=8"])
+    text = (tmp_path / "p.txt").read_text()
+    assert "2 steps of one f_S cycle of ATS" in text.splitlines()[0] and "conv" in text
+
+
+def test_a_profiler_that_records_nothing_falls_back_to_cprofile(tmp_path, monkeypatch, capsys):
+    """When torch.profiler records no events (kineto failing to count GPUs on a machine without
+    one), it is tried once more, then cProfile's table of the same steps is written; the file and
+    the console say so in one line."""
+    cfg = bench.make_config("tiny", {**bench.parse_overrides(TOY_MODEL), "image_size": 8,
+                                     "batch_size": 4, "sampler": "uniform"})
+    trainer, tries = bench.build(cfg, torch.device("cpu")), []
+
+    class Empty:
+        def __enter__(self):
+            tries.append(1)
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def key_averages(self):
+            return []
+    monkeypatch.setattr(torch.profiler, "profile", lambda **_: Empty())
+    bench.save_profile(trainer, bench.random_batch(cfg, torch.device("cpu")),
+                       str(tmp_path / "p.txt"), torch.device("cpu"), 2, "a test")
+    first, *rest = (tmp_path / "p.txt").read_text().splitlines()
+    assert len(tries) == 2 and "torch.profiler recorded no events, twice: cProfile" in first
+    assert "tottime" in "\n".join(rest) and "conv" in "\n".join(rest)   # the step's hot spots
+    assert capsys.readouterr().out.count("cProfile's table instead") == 1
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--preset", "foo"], "unknown --preset 'foo': choose from cifar10, tiny"),
+    (["--profile", "{tmp}/nowhere/p.txt"], "nowhere does not exist or is not writable"),
+    (["--profile", "{tmp}"], "it is a folder")])
+def test_speed_refuses_a_bad_preset_or_profile_path_before_timing(tmp_path, monkeypatch, flags,
+                                                                   match):
+    """An unknown --preset (a KeyError before) and a --profile file that cannot be written are
+    refused with one line, before anything is built or timed."""
+    monkeypatch.setattr(bench, "build", lambda *a, **k: pytest.fail("a trainer was built"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["speed", "--device", "cpu", "--quick",
+                    *[f.format(tmp=tmp_path) for f in flags]])
+    assert e.value.code.startswith("error:") and "\n" not in e.value.code
+    assert match in e.value.code, e.value.code
 
 
 # -------------------------------------------------------------------------------------------------
@@ -196,3 +249,67 @@ def test_report_refuses_to_merge_what_does_not_belong_together(two_studies, tmp_
     merged = bench.main(["report", str(root / "a"), str(root / "b"), "--out",
                          str(tmp_path / "merged")])
     assert merged["summary"]["uniform"]["seeds"] == [0, 1]
+
+
+def unlisted(results):
+    results["variants"] = []                                  # hand-edited: the runs are there
+
+
+def planned_lsm(results):
+    results["variants"] = ["uniform", "lsm"]                  # planned, never run
+
+
+def no_quarters(results):
+    del results["runs"][0]["quarters"]
+
+
+def short_curve(results):
+    results["runs"][0]["curve"] = results["runs"][0]["curve"][:1]
+
+
+def no_noise(results):
+    del results["noise"]
+
+
+def test_report_merges_the_runs_and_is_complete_when_the_design_is(two_studies, tmp_path,
+                                                                    capsys):
+    """report merges what the runs are, whatever a folder's hand-editable variants list says, and
+    marks the merge complete only when every variant, run or planned, has every seed."""
+    root = two_studies
+    merged = bench.main(["report", str(root / "a"), str(edited(root, "b", unlisted)), "--out",
+                         str(tmp_path / "ab")])
+    assert merged["summary"]["uniform"]["seeds"] == [0, 1] and merged["complete"]
+    assert json.loads((tmp_path / "ab" / "results.json").read_text())["complete"] is True
+    merged = bench.main(["report", str(root / "a"), str(edited(root, "b", planned_lsm)), "--out",
+                         str(tmp_path / "planned")])
+    assert not merged["complete"] and list(merged["summary"]) == ["uniform"]
+    assert "incomplete: no run of lsm seed 0, lsm seed 1" in capsys.readouterr().out
+
+
+def test_report_refuses_an_out_that_holds_files_or_a_results_json_not_a_studys(two_studies,
+                                                                                tmp_path):
+    """--out must be a new or empty folder: one that holds a results.json or any other file is
+    refused. A results.json that is not a converge study's (a run without quarters, a short curve,
+    no noise) is refused with one line naming the problem, not a KeyError or IndexError."""
+    root = two_studies
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    cases = [([root / "a", root / "b"], tmp_path / "report", "is not an empty folder"),
+             ([root / "a", root / "b"], tmp_path / "other", "is not an empty folder"),
+             ([root / "a", edited(root, "b", no_quarters)], tmp_path / "m",
+              "run 1 lacks one of variant, seed, config, curve, quarters, final_p"),
+             ([root / "a", edited(root, "b", short_curve)], tmp_path / "m",
+              "run 1 (uniform seed 1) does not have its 2 evaluations"),
+             ([edited(root, "a", no_noise), root / "b"], tmp_path / "m", "it is not an object")]
+    for folders, out, match in cases:
+        with pytest.raises(SystemExit) as e:
+            bench.main(["report", *map(str, folders), "--out", str(out)])
+        assert e.value.code.startswith("error:") and "\n" not in e.value.code
+        assert match in e.value.code, e.value.code
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "empty").mkdir()
+    assert bench.main(["report", str(root / "a"), str(root / "b"), "--out",
+                       str(tmp_path / "empty")])["complete"]

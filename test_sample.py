@@ -1,7 +1,10 @@
 """sample.py: grids, the folder of numbered PNGs it vouches for, and --fid. CPU only."""
 
+import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -141,7 +144,7 @@ def test_an_interrupted_call_is_completed_exactly(ckpt, tmp_path, monkeypatch):
             with open(path + ".tmp", "wb") as f:
                 f.write(b"\x89PNG half")                               # what kill -9 leaves
             raise Killed
-        save_png(image, path)
+        return save_png(image, path)
     monkeypatch.setattr(sample, "save_png", killed_at_image_5)
     with pytest.raises(Killed):
         make(ckpt, tmp_path / "cut", 8)
@@ -163,7 +166,7 @@ def test_ctrl_c_while_sampling_says_what_was_kept(ckpt, tmp_path, monkeypatch, c
     def ctrl_c_at_image_5(image, path):
         if path.endswith("000005.png"):
             raise KeyboardInterrupt
-        save_png(image, path)
+        return save_png(image, path)
     monkeypatch.setattr(sample, "save_png", ctrl_c_at_image_5)
     with pytest.raises(SystemExit) as e:
         make(ckpt, tmp_path / "cut", 8)
@@ -176,8 +179,8 @@ def test_ctrl_c_while_sampling_says_what_was_kept(ckpt, tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("damage, match", [
-    ("remove 000005.png", "000005.png is missing or broken"),
-    ("empty 000002.png", "000002.png is missing or broken"),
+    ("remove 000005.png", "should hold 8 images, but 000005.png is missing:"),
+    ("empty 000002.png", "000002.png is not the image this script wrote"),
     ("add cat.png", "holds cat.png, which this script did not make"),
     ("remove samples.json", "holds files but no samples.json"),
     ("corrupt samples.json", "samples.json is unreadable")])
@@ -206,6 +209,106 @@ def test_a_folder_of_other_images_is_refused(ckpt, tmp_path):
     refused(["--ckpt", ckpt, "--steps", "3", "--n", "4", "--out-dir", str(tmp_path / "other")],
             "holds files but no samples.json")
     assert len(os.listdir(tmp_path / "other")) == 3
+
+
+@pytest.fixture(scope="module")
+def folder8(ckpt, tmp_path_factory):
+    """A folder of 8 images made by sample.py, to be copied and damaged."""
+    folder = tmp_path_factory.mktemp("folder8") / "imgs"
+    make(ckpt, folder, 8)
+    return folder
+
+
+def test_samples_json_records_the_sha256_of_every_image(folder8):
+    """samples.json holds, in order, the SHA-256 of the bytes of each image written."""
+    record = json.loads((folder8 / "samples.json").read_text())
+    assert record["count"] == 8 and record["sha256"] == [
+        hashlib.sha256((folder8 / f"{i:06d}.png").read_bytes()).hexdigest() for i in range(8)]
+
+
+def damage(folder, how):
+    """Change a copy of a sample.py folder the way a user, a script or a crash might."""
+    image, record = folder / "000003.png", json.loads((folder / "samples.json").read_text())
+    if how == "link to a copy":
+        shutil.copy(image, folder.parent / "copy.png")
+        image.unlink()
+        image.symlink_to(folder.parent / "copy.png")
+    elif how == "dangling link":
+        image.unlink()
+        image.symlink_to(folder.parent / "gone.png")
+    elif how == "folder":
+        image.unlink()
+        image.mkdir()
+    elif how == "cut short":
+        image.write_bytes(image.read_bytes()[:40])                   # a PNG header, no image
+    elif how == "swapped":
+        image.write_bytes((folder / "000004.png").read_bytes())      # decodes, but not image 3
+    elif how == "folder past the count":
+        (folder / "000013.png").mkdir()
+    else:
+        record = {"count -1": {**record, "count": -1}, "count 10": {
+            **record, "count": 10, "sha256": record["sha256"] + ["0" * 64] * 2},
+            "no hashes": {k: v for k, v in record.items() if k != "sha256"}}[how]
+        (folder / "samples.json").write_text(json.dumps(record))
+
+
+def snapshot(folder):
+    return {f: (os.readlink(p) if os.path.islink(p) else None if os.path.isdir(p) else
+                open(p, "rb").read()) for f in os.listdir(folder) for p in [folder / f]}
+
+
+@pytest.mark.parametrize("how, match", [
+    ("link to a copy", "000003.png is a symbolic link, not an image this script wrote"),
+    ("dangling link", "000003.png is a symbolic link, not an image this script wrote"),
+    ("folder", "000003.png is a folder, not an image this script wrote"),
+    ("cut short", "000003.png is not the image this script wrote (its SHA-256 differs"),
+    ("swapped", "000003.png is not the image this script wrote (its SHA-256 differs"),
+    ("folder past the count", "000013.png is a folder, not a file this script wrote"),
+    ("count -1", "gives the count -1, which no folder holds"),
+    ("count 10", "should hold 10 images, but 000008.png is missing with 1 more"),
+    ("no hashes", "does not record the SHA-256 of each of its 8 images")])
+def test_a_folder_whose_images_are_not_the_ones_written_is_refused(ckpt, folder8, tmp_path, how,
+                                                                    match):
+    """Every image is checked against its SHA-256 in samples.json when the folder is reopened: a
+    link, a folder, an image cut short or swapped, a count below 0 or above the images present, or
+    no hashes are each refused with one line naming the file, and nothing in the folder changes."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(folder8, folder, symlinks=True)
+    damage(folder, how)
+    before = snapshot(folder)
+    refused(["--ckpt", ckpt, "--steps", "3", "--n", "12", "--out-dir", str(folder)], match)
+    assert snapshot(folder) == before
+
+
+def test_sighup_while_sampling_is_like_ctrl_c(ckpt, tmp_path, monkeypatch, capsys):
+    """SIGHUP (a closed terminal) during sampling exits 130 with the Ctrl-C line saying how many
+    images are complete, leaves Python's default handler, and the same command completes the
+    folder."""
+    save_png = sample.save_png
+
+    def hang_up_at_image_5(image, path):
+        if path.endswith("000005.png"):
+            os.kill(os.getpid(), signal.SIGHUP)
+        return save_png(image, path)
+    monkeypatch.setattr(sample, "save_png", hang_up_at_image_5)
+    with pytest.raises(SystemExit) as e:
+        make(ckpt, tmp_path / "cut", 8)
+    assert e.value.code == 130 and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    assert capsys.readouterr().err.strip() == (f"interrupted: {tmp_path / 'cut'} holds 4 complete "
+                                               "images; the same command makes the rest")
+    monkeypatch.undo()
+    make(ckpt, tmp_path / "cut", 8)
+    assert json.loads((tmp_path / "cut" / "samples.json").read_text())["count"] == 8
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_one_line(ckpt, tmp_path, monkeypatch):
+    """A failed allocation while sampling (std::bad_alloc, what building 10,000,000 per-image
+    generators under a memory limit raises) is the one-line memory error naming --batch-size."""
+    def bad_alloc(seed, indices):
+        raise RuntimeError("std::bad_alloc")
+    monkeypatch.setattr(ats, "image_generators", bad_alloc)
+    refused(["--ckpt", ckpt, "--steps", "3", "--n", "100", "--batch-size", "100", "--out-dir",
+             str(tmp_path / "s")], "error: out of memory: lower --batch-size")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_help_lists_every_setting_with_its_default(capsys):
 @pytest.mark.parametrize("flags, match", [
     (["--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
     (["--T", "1"], "T must be in [2, 100000]"), (["--T", "1000000000"], "T must be in [2, 100000]"),
-    (["--num-selected", "60"], "num_selected (|S|) must be in [1, T=50]"),
+    (["--num-selected", "60"], "num_selected (|S|) must be in [1, 50], the number of swept"),
     (["--update-every", "0"], "update_every (f_S) and probe_batch must be at least 1"),
     (["--lr", "nan"], "lr must be in (0, 1]"), (["--lr", "1e308"], "lr must be in (0, 1]"),
     (["--policy-lr", "-1"], "policy_lr must be in (0, 1]"),
@@ -109,7 +109,10 @@ def test_help_lists_every_setting_with_its_default(capsys):
     (["--attn-res", "7"], "attn_res (7,) names sizes no level has"),
     (["--ch", "15"], "ch must be an even number"), (["--dropout", "1.5"], "dropout must be in"),
     (["--sample-steps", "99"], "--sample-steps: DDIM steps must be in [1, T=50]"),
-    (["--sampler", "lognormal", "--lognormal-std", "0"], "lognormal_std must be positive"),
+    (["--sampler", "lognormal", "--lognormal-std", "0"], "--lognormal-std must be positive"),
+    (["--lognormal-std", "nan"], "--lognormal-std must be positive"),
+    (["--snr-gamma", "0"], "--snr-gamma must be positive"),
+    (["--snr-gamma", "nan"], "--snr-gamma must be positive"),
     (["--fid-every", "2", "--fid-n", "3"], "--fid-n must be at least 4"),
     (["--fid-every", "2"], "--fid-every on --dataset synthetic needs --fid-ref"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/x"], "does not exist")])
@@ -179,8 +182,10 @@ def test_a_policy_that_diverges_stops_without_saving(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
-def test_ctrl_c_while_starting_is_one_line(tmp_path):
-    """SIGINT while the script still imports torch: exit 130 and one line, no traceback."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+def test_a_signal_while_starting_is_one_line(sig):
+    """Ctrl-C, SIGHUP (a closed terminal) or SIGTERM while the script still imports torch: exit
+    130 and one line naming the signal, no traceback and no silent death with 129 or 143."""
     for script in ("train.py", "sample.py"):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--help"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -188,10 +193,10 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
         maps, deadline = f"/proc/{proc.pid}/maps", time.time() + 60
         while "libtorch" not in open(maps).read() and time.time() < deadline:
             time.sleep(0.005)            # until torch's libraries load: the handler is set before
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, (script, proc.returncode, err)
-        assert err.startswith("interrupted while starting") and err.count("\n") == 1, err
+        assert err.startswith(f"interrupted while starting ({sig.name})") and err.count("\n") == 1
 
 
 def test_train_cli_error_has_no_traceback(tmp_path):
@@ -201,6 +206,23 @@ def test_train_cli_error_has_no_traceback(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stderr.startswith("error:")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_flags_this_run_never_reads_are_warned(tmp_path, capsys):
+    """A flag given explicitly that this run does not read (--snr-gamma without min-snr, the
+    lognormal flags without lognormal, ATS flags with another sampler) gets one warning line
+    naming it and what uses it; flags that are read get none."""
+    out = ["--out-dir", str(tmp_path)]
+    train.configure(["--sampler", "uniform", "--snr-gamma", "3", "--lognormal-std", "2",
+                     "--policy-lr", "0.1", "--max-kl", "0.5", *out])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --snr-gamma does nothing in this run: only --weighting min-snr uses it",
+        "warning: --lognormal-std does nothing in this run: only --sampler lognormal uses it",
+        "warning: --policy-lr does nothing in this run: only --sampler ats uses it",
+        "warning: --max-kl does nothing in this run: only --sampler ats uses it"]
+    train.configure(["--weighting", "min-snr", "--snr-gamma", "3", "--policy-lr", "0.1", *out])
+    train.configure(["--sampler", "lognormal", "--lognormal-mean", "0", *out])
+    assert capsys.readouterr().err == ""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -293,6 +315,20 @@ def test_synthetic_data_is_deterministic_and_structured():
     assert (x[..., 1:] - x[..., :-1]).abs().mean() < 0.5 * (x - x.mean()).abs().mean()
 
 
+def test_a_corrupt_cifar10_archive_is_named_as_corrupt(tmp_path, monkeypatch):
+    """A cifar-10-python.tar.gz whose MD5 is wrong (cut short by a failed download) is named as
+    corrupt, with the fix (delete it), not reported as a download that failed."""
+    def no_network(self):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b half an archive")
+    with pytest.raises(SystemExit) as e:
+        train.make_dataset(train.Config(data_dir=str(tmp_path)))
+    assert e.value.code == (f"error: {tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its MD5 is "
+                            "not CIFAR-10's): delete it and run again to download it, or put a "
+                            "good copy there")
+
+
 # -------------------------------------------------------------------------------------------------
 # Outputs and resume
 # -------------------------------------------------------------------------------------------------
@@ -308,7 +344,7 @@ def test_train_writes_its_outputs(tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     assert {"loss", "lr", "img_per_s", "sampler"} <= set(records[-1])
     assert "quarters" in records[-1]["sampler"]
-    assert json.loads((tmp_path / "config.json").read_text()) == ckpt["config"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {**ckpt["config"], "ckpt_step": 4}
     pytest.importorskip("matplotlib")
     assert (tmp_path / "metrics.png").is_file()
 
@@ -372,7 +408,8 @@ def test_config_json_holds_what_the_checkpoint_holds(tmp_path):
     with pytest.raises(SystemExit, match="stopped without saving|diverged; not saved"):
         run(tmp_path, "--steps", "6", "--resume", "--lr", "1")
     stored = ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["config"]
-    assert json.loads((tmp_path / "config.json").read_text()) == stored and stored["lr"] == 1e-3
+    assert json.loads((tmp_path / "config.json").read_text()) == {**stored, "ckpt_step": 2}
+    assert stored["lr"] == 1e-3
 
 
 class Killed(BaseException):
@@ -403,6 +440,53 @@ def test_fresh_run_refuses_to_overwrite(tmp_path):
     run(tmp_path, "--steps", "2")
     with pytest.raises(SystemExit, match="--resume"):
         run(tmp_path, "--steps", "2")
+
+
+def test_config_json_is_ckpt_pts_again_after_a_kill_between_the_two_writes(tmp_path,
+                                                                            monkeypatch):
+    """Killed after ckpt.pt is replaced and before config.json is: config.json's ckpt_step shows
+    that it lags, and the next start rewrites it from ckpt.pt before its first step."""
+    run(tmp_path, "--steps", "2", "--lr", "1e-3")
+    write = train.write_config
+
+    def killed_after_ckpt_4(out_dir, config, step):
+        if step == 4:
+            raise Killed
+        write(out_dir, config, step)
+
+    def killed(*_):
+        raise Killed
+    monkeypatch.setattr(train, "write_config", killed_after_ckpt_4)
+    with pytest.raises(Killed):
+        run(tmp_path, "--steps", "4", "--resume", "--lr", "3e-3")
+    ckpt, config = ats.load_checkpoint(str(tmp_path / "ckpt.pt")), json.loads(
+        (tmp_path / "config.json").read_text())
+    assert ckpt["step"] == 4 and ckpt["config"]["lr"] == 3e-3
+    assert config["ckpt_step"] == 2 and config["lr"] == 1e-3      # lags, and says so
+    monkeypatch.undo()
+    monkeypatch.setattr(ats.Trainer, "train_step", killed)
+    with pytest.raises(Killed):                                   # the next start, killed at once
+        run(tmp_path, "--steps", "6", "--resume")
+    assert json.loads((tmp_path / "config.json").read_text()) == {**ckpt["config"], "ckpt_step": 4}
+
+
+@pytest.mark.parametrize("log", ["folder", "not utf-8"])
+def test_a_log_that_is_a_folder_or_not_utf8_is_no_traceback(tmp_path, log):
+    """A log.jsonl that is a folder stops the run with one line before any step; one with bytes
+    that are not UTF-8 loses those lines as if a crash had cut them, and the run resumes."""
+    run(tmp_path, "--steps", "2", "--log-every", "1")
+    if log == "folder":
+        (tmp_path / "log.jsonl").unlink()
+        (tmp_path / "log.jsonl").mkdir()
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--steps", "4", "--resume")
+        assert e.value.code == (f"error: cannot read {tmp_path / 'log.jsonl'} (Is a directory): "
+                                "it is not this run's log; move it away, then run again")
+        return
+    with open(tmp_path / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "loss": "\xff\xfe"}\n')
+    run(tmp_path, "--steps", "3", "--log-every", "1", "--resume")
+    assert [r["step"] for r in log_records(tmp_path)] == [1, 2, 3]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -523,6 +607,30 @@ def test_too_little_space_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(ats.Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
     with pytest.raises(SystemExit, match="MB free, and a checkpoint needs about"):
         run(tmp_path, "--steps", "2")
+
+
+def test_the_lock_refusal_names_only_a_pid_that_holds_the_lock(tmp_path):
+    """A refused run names the pid that /proc/locks says holds the folder's lock, not the stale
+    one an earlier run wrote into the file; without /proc/locks it says whose pid that was."""
+    (tmp_path / "lock").write_text("pid 999999 on elsewhere\n")
+    with open(tmp_path / "lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)               # this process: live
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--steps", "2")
+    holder = (f"pid {os.getpid()}" if os.path.exists("/proc/locks") else
+              "pid written by the last run: 999999 on elsewhere")
+    assert e.value.code == (f"error: {tmp_path} is in use by a live training run: another "
+                            f"process holds its lock ({holder}); wait for it to end, or choose "
+                            "another --out-dir")
+
+
+def test_the_memory_line_gives_the_size_in_a_unit_that_fits():
+    """The out-of-memory line says 36.9 kB, 2.5 GB or 12 bytes, never 'asked for 0.0 GB'."""
+    for asked, said in ((36864, "36.9 kB"), (2_500_000_000, "2.5 GB"), (12, "12 bytes")):
+        with pytest.raises(SystemExit) as e, train.memory_for("--ch"):
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                               f"{asked} bytes. Error code 12 (Cannot allocate memory)")
+        assert e.value.code == f"error: out of memory (it asked for {said}): lower --ch"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -679,3 +787,45 @@ def test_torchrun_run_that_finishes_exits_0(tmp_path):
     assert proc.returncode == 0, output
     assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 20
     assert (tmp_path / "grid_0000020.png").is_file() and (tmp_path / "sampler.png").is_file()
+
+
+def ranks(proc):
+    """{rank: pid} of the workers of a torchrun launcher."""
+    pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                           text=True).stdout.split()]
+    environ = {p: open(f"/proc/{p}/environ", "rb").read().split(b"\0") for p in pids}
+    return {int(v[5:]): p for p, env in environ.items() for v in env if v.startswith(b"RANK=")}
+
+
+def signal_rank_1(tmp_path, sig, wait_file, *flags):
+    """Start a two-worker torchrun run, send `sig` to rank 1 alone once `wait_file` exists; return
+    the launcher's output and the step ckpt.pt holds."""
+    proc = torchrun(tmp_path, *flags)
+    try:
+        wait_for(tmp_path / wait_file)
+        time.sleep(1.0)
+        os.kill(ranks(proc)[1], sig)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return output, ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+
+
+def test_torchrun_signal_to_one_rank_is_named_as_such(tmp_path):
+    """SIGTERM to rank 1 alone: both ranks save and stop, and rank 0's one line says that another
+    rank received a signal, not '(None received)'."""
+    output, step = signal_rank_1(tmp_path, signal.SIGTERM, "log.jsonl")
+    assert f"interrupted at step {step} (another rank received a signal)" in output, output
+    assert "None received" not in output
+
+
+def test_torchrun_kill_9_of_one_rank_is_one_line(tmp_path):
+    """kill -9 of rank 1: rank 0 does not die in a gloo 'Connection reset by peer' traceback; it
+    says in one line that a process of the run was lost and which step ckpt.pt holds."""
+    output, step = signal_rank_1(tmp_path, signal.SIGKILL, "ckpt.pt", "--ckpt-every", "5")
+    line = (rf"error: at step \d+ another process of this run was lost \([^)]+\)\. "
+            rf"{re.escape(str(tmp_path / 'ckpt.pt'))} still holds step {step}\. Resume with "
+            r"--resume once every process can start again\.\n")
+    assert re.search(line, output), output
+    assert "[rank0]: Traceback" not in output and "[rank0]:" not in output

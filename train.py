@@ -17,13 +17,17 @@ import sys
 
 
 def interrupted_while_starting(signum, frame):
-    print("interrupted while starting, before the first step: nothing was saved or changed",
-          file=sys.stderr)
+    try:                                          # after SIGHUP the terminal may be gone
+        print(f"interrupted while starting ({signal.Signals(signum).name}), before the first "
+              "step: nothing was saved or changed", file=sys.stderr)
+    except OSError:
+        pass
     raise SystemExit(130)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, not an import traceback
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+if __name__ == "__main__":  # a signal while torch loads: one line, not an import traceback
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupted_while_starting)
 
 import argparse
 import contextlib
@@ -95,6 +99,8 @@ class Config:
     schedule: str = opt("quad", "beta schedule", choices=("linear", "quad", "cosine"))
     var_type: str = opt("large", "reverse variance: large = beta_t, small = posterior",
                         choices=("large", "small"))
+    prediction: str = opt("eps", "what the U-Net predicts: eps (DDPM), v or x0",
+                          choices=("eps", "v", "x0"))
     ch: int = opt(128, "U-Net base channels")
     ch_mult: str = opt("1,2,2,2", "channel multiplier per resolution level, comma-separated")
     num_res: int = opt(2, "residual blocks per level")
@@ -117,6 +123,10 @@ class Config:
     entropy_coef: float = opt(1e-2, "c_ent: entropy coefficient in the ATS reward")
     policy_grad_clip: float = opt(1.0, "gradient-norm clip of the ATS policy")
     probe_batch: int = opt(256, "forwards per chunk in the ATS probe")
+    sweep_stride: int = opt(1, "k: the ATS probe sweeps t = 0, k, 2k, ... (1: all T, the paper's)")
+    policy_warmup: int = opt(0, "ATS policy learning-rate ramp over this many updates; 0: none")
+    max_kl: float = opt(0.0, "cap on the batch-mean KL of one ATS policy update; 0: none")
+    reward_norm: bool = opt(False, "divide each ATS update's rewards by their RMS")
     lognormal_mean: float = opt(-1.2, "P_mean of --sampler lognormal (log sigma)")
     lognormal_std: float = opt(1.2, "P_std of --sampler lognormal")
     snr_gamma: float = opt(5.0, "gamma of --weighting min-snr")
@@ -222,10 +232,35 @@ def check(cfg, world):
         (not cfg.out_dir.strip(), "--out-dir is empty: name a folder"),
         (cfg.fid_every > 0 and fid_reference(cfg) is None,
          f"--fid-every on --dataset {cfg.dataset} needs --fid-ref, a folder of real images"),
+        (not (math.isfinite(cfg.snr_gamma) and cfg.snr_gamma > 0),
+         f"--snr-gamma must be positive, got {cfg.snr_gamma}"),
+        (not (math.isfinite(cfg.lognormal_std) and cfg.lognormal_std > 0
+              and math.isfinite(cfg.lognormal_mean)),
+         f"--lognormal-std must be positive and --lognormal-mean finite, got {cfg.lognormal_std} "
+         f"and {cfg.lognormal_mean}"),
     ]
     for bad, message in problems:
         if bad:
             raise SystemExit(f"error: {message}")
+
+
+# Flags that only one sampler or weighting reads: flag -> (the setting, the value that reads it).
+ONLY_WITH = {"snr_gamma": ("weighting", "min-snr"), "lognormal_mean": ("sampler", "lognormal"),
+             "lognormal_std": ("sampler", "lognormal"),
+             **dict.fromkeys(("update_every", "num_selected", "queue_size", "policy_lr",
+                              "entropy_coef", "policy_grad_clip", "probe_batch", "sweep_stride",
+                              "policy_warmup", "max_kl", "reward_norm"), ("sampler", "ats"))}
+
+
+def warn_unused(cfg, explicit):
+    """One warning line (from rank 0) for each flag given explicitly that this run never reads."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return
+    for name in explicit:
+        setting, value = ONLY_WITH.get(name, (None, None))
+        if setting and getattr(cfg, setting) != value:
+            print(f"warning: --{name.replace('_', '-')} does nothing in this run: only "
+                  f"--{setting} {value} uses it", file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -288,6 +323,11 @@ def make_dataset(cfg):
     try:
         data = torchvision.datasets.CIFAR10(cfg.data_dir, train=True, download=True)
     except Exception as e:  # no network, a proxy, a full disk: all end the same way
+        tarball = os.path.join(cfg.data_dir, torchvision.datasets.CIFAR10.filename)
+        if os.path.isfile(tarball) and not torchvision.datasets.utils.check_integrity(
+                tarball, torchvision.datasets.CIFAR10.tgz_md5):
+            raise SystemExit(f"error: {tarball} is corrupt (its MD5 is not CIFAR-10's): delete it "
+                             "and run again to download it, or put a good copy there") from None
         raise SystemExit(f"error: CIFAR-10 is not in {cfg.data_dir!r} and could not be downloaded "
                          f"({type(e).__name__}). Put cifar-10-python.tar.gz from "
                          "https://www.cs.toronto.edu/~kriz/cifar.html into that folder (or point "
@@ -374,15 +414,17 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
     model = ats.UNet(in_ch=cfg.channels, ch=cfg.ch, ch_mult=ints(cfg.ch_mult, "--ch-mult"),
                      num_res=cfg.num_res, attn_res=ints(cfg.attn_res, "--attn-res"),
                      dropout=cfg.dropout, image_size=cfg.image_size).to(device)
-    diffusion = ats.GaussianDiffusion(T=cfg.T, schedule=cfg.schedule, var_type=cfg.var_type)
+    diffusion = ats.GaussianDiffusion(T=cfg.T, schedule=cfg.schedule, var_type=cfg.var_type,
+                                      prediction=cfg.prediction)
     diffusion = diffusion.to(device)
     if cfg.sampler == "ats":
         sampler = sampler_cls(
             cfg.T, lambda x0, t, noise: diffusion.vlb_terms(model, x0, t, noise), cfg.channels,
             model=model, update_every=cfg.update_every, num_selected=cfg.num_selected,
             queue_size=cfg.queue_size, policy_lr=cfg.policy_lr, entropy_coef=cfg.entropy_coef,
-            policy_grad_clip=cfg.policy_grad_clip, probe_batch=cfg.probe_batch, seed=cfg.seed,
-            device=device)
+            policy_grad_clip=cfg.policy_grad_clip, probe_batch=cfg.probe_batch,
+            sweep_stride=cfg.sweep_stride, policy_warmup=cfg.policy_warmup, max_kl=cfg.max_kl,
+            reward_norm=cfg.reward_norm, seed=cfg.seed, device=device)
     else:
         sampler = heuristics.make_sampler(cfg.sampler, cfg.T, diffusion.abar.cpu(),
                                           cfg.lognormal_mean, cfg.lognormal_std)
@@ -416,7 +458,9 @@ class SamplerLog:
         t, q = torch.arange(T), T / 4
         quarters = [round(float(p[(t >= i * q) & (t < (i + 1) * q)].sum()), 3) for i in range(4)]
         self.summary = {"mean_t": float((p * t).sum()), "S": stats["S"],
-                        "reward": stats["reward"], "quarters": quarters}
+                        "reward": stats["reward"], "quarters": quarters,
+                        "reward_rms": stats["reward_rms"], "kl_step": stats["kl_step"],
+                        "kl_uniform": stats["kl_uniform"], "last_in_S": T - 1 in stats["S"]}
         if step // update_every % self.every == 0:
             self.history.append(p)
             self.steps.append(step)
@@ -573,7 +617,8 @@ def log_line(cfg, step, loss, lr, ips, summary, log_file):
     line = (f"step {step}/{cfg.steps} | loss {loss:.4f} | {ips:.0f} img/s | "
             f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
     if summary:
-        line += f" | mean t {summary['mean_t']:.0f} | quarters {summary['quarters']}"
+        line += (f" | mean t {summary['mean_t']:.0f} | quarters {summary['quarters']}"
+                 f" | update KL {summary.get('kl_step', 0):.3f}")
     print(line, flush=True)
     log_file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "img_per_s": ips,
                                "sampler": summary}) + "\n")
@@ -609,6 +654,7 @@ def configure(argv):
         if os.path.exists(path):
             raise SystemExit(f"error: {path} exists: pass --resume to continue that run, or choose "
                              "another --out-dir")
+        warn_unused(cfg, explicit)
         return cfg, None, None
     try:
         identity = file_identity(path)
@@ -627,6 +673,7 @@ def configure(argv):
     if cfg.steps <= ckpt["step"]:
         raise SystemExit(f"error: the run is already at step {ckpt['step']}: pass --steps above "
                          "that to continue")
+    warn_unused(cfg, explicit)
     return cfg, ckpt, identity
 
 
@@ -643,7 +690,8 @@ def file_identity(path):
 def claim_out_dir(cfg, ckpt, identity, trainer, rank):
     """Rank 0 creates and locks the out-dir for the block. A second run, or a second --resume, on a
     folder that a live run holds is refused; the lock goes with its process, however that ends.
-    Also checks the free space, and cuts log.jsonl back to the checkpoint's step."""
+    Also checks the free space, cuts log.jsonl back to the checkpoint's step and writes config.json
+    from the checkpoint."""
     if rank > 0:
         yield
         return
@@ -663,11 +711,11 @@ def claim_out_dir(cfg, ckpt, identity, trainer, rank):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
+        holder = lock_holder(lock)
         lock.close()
-        raise SystemExit(f"error: {out} is in use by a live training run ({holder}): wait for it "
-                         "to end, or choose another --out-dir") from None
+        raise SystemExit(f"error: {out} is in use by a live training run: another process holds "
+                         f"its lock ({holder}); wait for it to end, or choose another --out-dir"
+                         ) from None
     if ckpt is not None and file_identity(os.path.join(out, "ckpt.pt")) != identity:
         lock.close()
         raise SystemExit(f"error: {out}/ckpt.pt changed while this run started (another run wrote "
@@ -677,10 +725,28 @@ def claim_out_dir(cfg, ckpt, identity, trainer, rank):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     cut_log(os.path.join(out, "log.jsonl"), ckpt["step"] if ckpt else 0)
+    write_config(out, ckpt and ckpt["config"], ckpt and ckpt["step"])  # ckpt.pt's, after any kill
     try:
         yield
     finally:
         lock.close()                                       # the folder is free for another run
+
+
+def lock_holder(lock):
+    """Who holds the flock on the open file `lock`: the pid /proc/locks names, if that process is
+    alive; else what the last run wrote into the file, which may be stale."""
+    st = os.fstat(lock.fileno())
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/locks") as f:                   # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:56"
+            for words in (line.split() for line in f):
+                if "FLOCK" in words and "->" not in words and inode in words:
+                    pid = int(words[words.index(inode) - 1])
+                    if os.path.exists(f"/proc/{pid}"):
+                        return f"pid {pid}"
+    lock.seek(0)
+    written = lock.read().strip()
+    return f"pid written by the last run: {written.removeprefix('pid ')}" if written else "no pid"
 
 
 def checkpoint_bytes(trainer):
@@ -696,21 +762,26 @@ def disk_free(path):
 
 
 def cut_log(path, step):
-    """Drop the log lines past `step` (and any line a crash cut short): a run that stopped after
-    its last checkpoint logged them, and the resumed run logs those steps again."""
+    """Drop the log lines past `step` (and any line a crash cut short, or that is not UTF-8 JSON): a
+    run that stopped after its last checkpoint logged them, and the resumed run logs those steps
+    again."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = f.readlines()
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as e:                                          # a folder named log.jsonl, say
+        raise SystemExit(f"error: cannot read {path} ({e.strerror}): it is not this run's log; "
+                         "move it away, then run again") from None
     keep = []
     for line in lines:
         try:
-            if json.loads(line)["step"] <= step:
+            if json.loads(line)["step"] <= step:                  # UnicodeDecodeError: ValueError
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
     if len(keep) < len(lines):
-        with open(path + ".tmp", "w") as f:
+        with open(path + ".tmp", "wb") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
 
@@ -725,9 +796,16 @@ def memory_for(flags):
         if not isinstance(e, MemoryError) and not re.search("alloc|out of memory", text):
             raise
         size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", text)
-        need = "" if size is None else (f" (it asked for {int(size[1]) / 1e9:.1f} GB)" if size[1]
-                                        else f" (it asked for {size[2]})")
+        need = "" if size is None else f" (it asked for {size[2] or in_units(int(size[1]))})"
         raise SystemExit(f"error: out of memory{need}: lower {flags}") from None
+
+
+def in_units(n):
+    """A byte count as people write it: 36864 -> '36.9 kB', 3e9 -> '3 GB'."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
 
 
 def kept(path, saved):
@@ -742,10 +820,7 @@ def save(cfg, trainer, name, extra, saved):
     try:
         ats.save_checkpoint(path, trainer, config, extra)
         if name == "ckpt.pt":
-            with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:
-                json.dump(config, f, indent=2)
-            os.replace(os.path.join(cfg.out_dir, "config.json.tmp"),
-                       os.path.join(cfg.out_dir, "config.json"))
+            write_config(cfg.out_dir, config, trainer.step)
     except (OSError, RuntimeError) as e:
         free = disk_free(cfg.out_dir)
         full = free < checkpoint_bytes(trainer)
@@ -753,6 +828,20 @@ def save(cfg, trainer, name, extra, saved):
         last = kept(os.path.join(cfg.out_dir, "ckpt.pt"), saved)
         raise SystemExit(f"error: writing {path} at step {trainer.step} failed ({why}; "
                          f"{free / 1e6:.0f} MB free). {last} Make room, then --resume.") from None
+
+
+def write_config(out_dir, config, step):
+    """config.json: ckpt.pt's config and step ("ckpt_step"), written atomically after ckpt.pt and
+    again from ckpt.pt at every start, so a kill between the two writes is mended by the next
+    start. With no checkpoint (config None) there is no config.json."""
+    path = os.path.join(out_dir, "config.json")
+    if config is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump({**config, "ckpt_step": step}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 class Interrupt:
@@ -795,6 +884,24 @@ def agree(flag, seconds, n, device, world):
     pace = max(1, round(2.0 * n / max(seconds, 1e-6))) if rank == 0 else 0
     t = ats.all_reduce(torch.tensor([float(flag), float(pace)], device=device))
     return bool(t[0] > 0), int(t[1])
+
+
+LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Socket Timeout")
+
+
+@contextlib.contextmanager
+def peer_lost(trainer, kept_line, world):
+    """A collective that fails because another process of the run died (kill -9, a crashed node)
+    becomes one line saying which step ckpt.pt holds, on every rank still alive."""
+    try:
+        yield
+    except RuntimeError as e:                  # gloo's errors and dist.DistBackendError
+        lost = LOST_PEER.search(str(e)) if world > 1 else None
+        if lost is None:
+            raise
+        raise SystemExit(f"error: at step {trainer.step} another process of this run was lost "
+                         f"({lost[0]}). {kept_line()} Resume with --resume once every process "
+                         "can start again.") from None
 
 
 def mean_over_ranks(x, world):
@@ -873,8 +980,9 @@ def train(cfg, ckpt, identity, device, rank, world):
                              "Resume with a lower --policy-lr.") from None
     if stop:
         if rank == 0:
-            why = ("the torchrun launcher is gone" if interrupt.reason == "lost launcher"
-                   else f"{interrupt.reason} received")
+            why = {"lost launcher": "the torchrun launcher is gone",
+                   None: "another rank received a signal"}.get(interrupt.reason,
+                                                               f"{interrupt.reason} received")
             print(f"interrupted at step {trainer.step} ({why}): saved {cfg.out_dir}/ckpt.pt; "
                   "continue with --resume", flush=True)
         sys.exit(130)
@@ -886,7 +994,7 @@ def loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world
     saved = ckpt["step"] if ckpt else None                              # the step ckpt.pt holds
     log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
     loss_sum, n, tic, agree_every, stop = torch.zeros((), device=device), 0, time.time(), 1, False
-    with log_file or contextlib.nullcontext():
+    with log_file or contextlib.nullcontext(), peer_lost(trainer, lambda: kept(path, saved), world):
         for loss in trainer.run(stream, cfg.steps):
             step, loss_sum, n = trainer.step, loss_sum + loss, n + 1
             if trainer.sampler_stats:
@@ -978,13 +1086,17 @@ def main(argv=None):
         code = e.code
     except UnreadableImage as e:  # from a DataLoader worker: its message carries a traceback
         code = "error: " + str(e)[str(e).rindex("cannot read image"):].strip()
-    # Done: the exception, its traceback and with them train()'s frames are gone now
+    # Done: the exception, its traceback and with them train()'s frames are gone now. A signal from
+    # here on (torchrun's SIGTERM after another rank stopped) is ignored: the run is ending anyway.
+    late = {s: signal.signal(s, signal.SIG_IGN) for s in Interrupt.SIGNALS}
     if owns_group:
         # The Trainer (a reference cycle, through its LR schedule) and its DDP module hold the
         # process group. Collected first, they let destroy_process_group join gloo's threads; left
         # to interpreter shutdown, a gloo thread can abort a finished run with SIGABRT.
         gc.collect()
         dist.destroy_process_group()
+    for s, handler in late.items():
+        signal.signal(s, handler)
     if code not in (None, 0):
         raise SystemExit(code)
 
