@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ats
+import pictures
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -549,7 +550,7 @@ def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
     (robust to other processes sharing the machine) and as wall-clock seconds."""
     trainer = build(cfg, device, sampler_cls=sampler_cls)
     data = batches(train_x, cfg.batch_size, seeded(cfg.seed))
-    log, curve, cpu, wall, updates = train.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0, []
+    log, curve, cpu, wall, updates = pictures.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0, []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tic = time.process_time(), time.perf_counter()
     for _ in trainer.run(data, evals[-1]):
@@ -650,8 +651,8 @@ def converge(args, device):
                   f"train {last[results['clock']]:.1f} s  quarters {record['quarters']}",
                   flush=True)
             if history:  # rows = sampler updates, columns = timesteps
-                train.save_heatmap(history, os.path.join(args.out, f"policy_{name}_seed{seed}.png"),
-                                   cfg.heatmap_height, cfg.heatmap_range)
+                heatmap = os.path.join(args.out, f"policy_{name}_seed{seed}.png")
+                pictures.save_heatmap(history, heatmap, cfg.heatmap_height, cfg.heatmap_range)
             write_report(results, args.out, quiet=True)
     results["complete"] = True
     return write_report(results, args.out)
@@ -852,7 +853,7 @@ def plot_updates(results, out):
     """updates.png: each ATS run's per-update KL (how far one update moved the policy) and its KL
     from uniform, against the training step."""
     runs = [r for r in results["runs"] if r.get("updates")]
-    plt = train.pyplot() if runs else None
+    plt = pictures.pyplot() if runs else None
     if plt is None:
         return
     variants = list(dict.fromkeys(r["variant"] for r in runs))
@@ -875,7 +876,7 @@ def plot_updates(results, out):
 def plot(summary, results, out, quiet):
     """curves.png: NLL, KID and FD (mean ± std over seeds) against steps and training seconds,
     with the real-vs-real band; policies.png: each ATS run's final T pi(t)."""
-    plt = train.pyplot()
+    plt = pictures.pyplot()
     if plt is None:
         if not quiet:
             print("curves.png skipped: matplotlib is not installed (pip install matplotlib)")

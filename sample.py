@@ -17,6 +17,7 @@ import sys
 
 
 def interrupted_while_starting(signum, frame):
+    """A signal before the first image: one line and exit 130."""
     try:                                          # after SIGHUP the terminal may be gone
         print(f"interrupted while starting ({signal.Signals(signum).name}): no image was written",
               file=sys.stderr)
@@ -44,7 +45,7 @@ import torchvision
 from PIL import Image
 
 import ats
-from train import memory_for
+from safety import memory_for
 
 
 def parse_args(argv=None):

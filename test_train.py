@@ -20,6 +20,8 @@ import torchvision
 from PIL import Image
 
 import ats
+import pictures
+import safety
 import sample
 import train
 from conftest import (
@@ -112,6 +114,7 @@ def test_help_lists_every_setting_with_its_default(capsys):
     (["--sampler", "lognormal", "--lognormal-std", "0"], "--lognormal-std must be positive"),
     (["--lognormal-std", "nan"], "--lognormal-std must be positive"),
     (["--snr-gamma", "0"], "--snr-gamma must be positive"),
+    (["--weighting", "min-snr", "--prediction", "v"], "is written for eps-prediction"),
     (["--snr-gamma", "nan"], "--snr-gamma must be positive"),
     (["--fid-every", "2", "--fid-n", "3"], "--fid-n must be at least 4"),
     (["--fid-every", "2"], "--fid-every on --dataset synthetic needs --fid-ref"),
@@ -355,15 +358,15 @@ def test_the_heatmap_has_axes_with_matplotlib_and_is_bare_without(tmp_path, monk
     uniform, peaked = torch.full((50,), 1 / 50), torch.softmax(torch.arange(50.0) / 5, 0)
     history = [uniform] * 3 + [peaked] * 3
     monkeypatch.setitem(sys.modules, "matplotlib", None)                  # import fails
-    train.save_heatmap(history, tmp_path / "bare.png", 40, 10.0)
+    pictures.save_heatmap(history, tmp_path / "bare.png", 40, 10.0)
     bare = torchvision.transforms.functional.pil_to_tensor(Image.open(tmp_path / "bare.png"))
     assert bare.shape == (3, 40, 50)
-    middle = (train.HEAT[1] + train.HEAT[2]) / 2 * 255                   # the ramp at 0.5
+    middle = (pictures.HEAT[1] + pictures.HEAT[2]) / 2 * 255                   # the ramp at 0.5
     assert (bare[:, 0].float().T - middle).abs().max() <= 1               # first rows: uniform
     assert bare[:, -1, -1].float().mean() > bare[:, -1, 0].float().mean()  # likelier is brighter
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
-    train.save_heatmap(history, tmp_path / "figure.png", 256, 10.0, steps=[2, 4, 6, 8, 10, 12])
+    pictures.save_heatmap(history, tmp_path / "figure.png", 256, 10.0, steps=[2, 4, 6, 8, 10, 12])
     width, height = Image.open(tmp_path / "figure.png").size
     assert width > 50 and height > 256                     # the image plus axes, title and scale
 
@@ -402,6 +405,27 @@ def test_resume_applies_or_refuses_changed_flags(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 3e-3
 
 
+def test_v_prediction_run_trains_resumes_bit_identically_and_samples(tmp_path):
+    """A --prediction v run with --sweep-stride 5 trains, resumes bit-identically, refuses a
+    changed --prediction or --sweep-stride on resume, and sample.py rebuilds it from its
+    checkpoint alone."""
+    flags = ["--prediction", "v", "--sweep-stride", "5"]
+    whole = run(tmp_path / "whole", "--steps", "6", *flags)
+    run(tmp_path / "split", "--steps", "3", *flags)
+    for changed, match in [(["--prediction", "eps"], "--prediction eps differs"),
+                           (["--sweep-stride", "1"], "--sweep-stride 1 differs")]:
+        with pytest.raises(SystemExit, match=match):
+            run(tmp_path / "split", "--steps", "6", "--resume", *changed)
+    assert_same_state(whole, run(tmp_path / "split", "--steps", "6", "--resume"))
+    assert whole["diffusion"]["prediction"] == "v" and whole["sampler"]["sweep_stride"] == 5
+    assert set(whole["sampler"]["S"].tolist()) <= set(range(0, 50, 5))
+    records = log_records(tmp_path / "whole")
+    assert records[-1]["loss"] < records[0]["loss"]
+    sample.main(["--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--n", "4", "--steps", "3",
+                 "--grid", str(tmp_path / "v.png"), "--device", "cpu"])
+    assert Image.open(tmp_path / "v.png").size[0] > 8
+
+
 def test_config_json_holds_what_the_checkpoint_holds(tmp_path):
     """A resume that diverges before its first save leaves config.json as ckpt.pt's config."""
     run(tmp_path, "--steps", "2", "--lr", "1e-3")
@@ -429,7 +453,7 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path, monkeypatch):
         run(tmp_path, "--steps", "10", "--log-every", "1")
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')                                     # a line cut short, too
-    assert [r["step"] for r in train.read_log(tmp_path / "log.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in pictures.read_log(tmp_path / "log.jsonl")] == [1, 2, 3]
     monkeypatch.undo()
     run(tmp_path, "--steps", "5", "--log-every", "1", "--resume")
     assert [r["step"] for r in log_records(tmp_path)] == [1, 2, 3, 4, 5]
@@ -447,7 +471,7 @@ def test_config_json_is_ckpt_pts_again_after_a_kill_between_the_two_writes(tmp_p
     """Killed after ckpt.pt is replaced and before config.json is: config.json's ckpt_step shows
     that it lags, and the next start rewrites it from ckpt.pt before its first step."""
     run(tmp_path, "--steps", "2", "--lr", "1e-3")
-    write = train.write_config
+    write = safety.write_config
 
     def killed_after_ckpt_4(out_dir, config, step):
         if step == 4:
@@ -456,7 +480,7 @@ def test_config_json_is_ckpt_pts_again_after_a_kill_between_the_two_writes(tmp_p
 
     def killed(*_):
         raise Killed
-    monkeypatch.setattr(train, "write_config", killed_after_ckpt_4)
+    monkeypatch.setattr(safety, "write_config", killed_after_ckpt_4)
     with pytest.raises(Killed):
         run(tmp_path, "--steps", "4", "--resume", "--lr", "3e-3")
     ckpt, config = ats.load_checkpoint(str(tmp_path / "ckpt.pt")), json.loads(
@@ -562,7 +586,7 @@ def test_diverged_weights_never_reach_the_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_saves_then_exits_130(tmp_path, monkeypatch, sig):
     """SIGINT, SIGTERM or SIGHUP in step 3 lets it finish, saves ckpt.pt at step 3, exits 130."""
-    handlers = [signal.getsignal(s) for s in train.Interrupt.SIGNALS]
+    handlers = [signal.getsignal(s) for s in safety.Interrupt.SIGNALS]
     step = ats.Trainer.train_step
 
     def step_then_signal(self, x0):
@@ -574,7 +598,7 @@ def test_signal_saves_then_exits_130(tmp_path, monkeypatch, sig):
         run(tmp_path, "--steps", "10", "--ckpt-every", "100")
     assert e.value.code == 130
     assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
-    assert [signal.getsignal(s) for s in train.Interrupt.SIGNALS] == handlers  # restored
+    assert [signal.getsignal(s) for s in safety.Interrupt.SIGNALS] == handlers  # restored
 
 
 def test_a_failed_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -590,7 +614,7 @@ def test_a_failed_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
             f.write(b"\0" * 100)
         raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 64 vs 100")
     monkeypatch.setattr(torch, "save", disk_full)
-    monkeypatch.setattr(train, "disk_free", lambda path: 1000 if full else 10**12)
+    monkeypatch.setattr(safety, "disk_free", lambda path: 1000 if full else 10**12)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--steps", "4", "--resume")
     monkeypatch.undo()
@@ -603,7 +627,7 @@ def test_a_failed_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 def test_too_little_space_is_refused_before_training(tmp_path, monkeypatch):
     """An out-dir whose disk cannot hold two checkpoints is refused before the first step."""
-    monkeypatch.setattr(train, "disk_free", lambda path: 1000)
+    monkeypatch.setattr(safety, "disk_free", lambda path: 1000)
     monkeypatch.setattr(ats.Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
     with pytest.raises(SystemExit, match="MB free, and a checkpoint needs about"):
         run(tmp_path, "--steps", "2")
@@ -627,7 +651,7 @@ def test_the_lock_refusal_names_only_a_pid_that_holds_the_lock(tmp_path):
 def test_the_memory_line_gives_the_size_in_a_unit_that_fits():
     """The out-of-memory line says 36.9 kB, 2.5 GB or 12 bytes, never 'asked for 0.0 GB'."""
     for asked, said in ((36864, "36.9 kB"), (2_500_000_000, "2.5 GB"), (12, "12 bytes")):
-        with pytest.raises(SystemExit) as e, train.memory_for("--ch"):
+        with pytest.raises(SystemExit) as e, safety.memory_for("--ch"):
             raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                                f"{asked} bytes. Error code 12 (Cannot allocate memory)")
         assert e.value.code == f"error: out of memory (it asked for {said}): lower --ch"

@@ -17,6 +17,7 @@ import sys
 
 
 def interrupted_while_starting(signum, frame):
+    """A signal before the first step: one line and exit 130, nothing written."""
     try:                                          # after SIGHUP the terminal may be gone
         print(f"interrupted while starting ({signal.Signals(signum).name}), before the first "
               "step: nothing was saved or changed", file=sys.stderr)
@@ -31,15 +32,11 @@ if __name__ == "__main__":  # a signal while torch loads: one line, not an impor
 
 import argparse
 import contextlib
-import fcntl
 import gc
 import importlib.util
 import json
 import math
 import os
-import re
-import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -52,6 +49,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import ats
 import heuristics
+from pictures import SamplerLog, plot_metrics, save_grid, save_heatmap, to_uint8
+from safety import (
+    Interrupt,
+    agree,
+    check_weights,
+    claim_out_dir,
+    file_identity,
+    kept,
+    memory_for,
+    peer_lost,
+    save,
+)
 
 # -------------------------------------------------------------------------------------------------
 # Config: one dataclass, argparse generated from it, presets as named overrides
@@ -73,6 +82,8 @@ def opt(default, doc, **argparse_kw):
 
 @dataclass
 class Config:
+    """Every setting of a run, with its default and --help line; argparse is made from it."""
+
     # run
     preset: str = opt("cifar10", "named set of overrides, applied under explicit flags",
                       choices=tuple(PRESETS))
@@ -152,7 +163,6 @@ RESUMABLE = {"resume", "out_dir", "steps", "device", "amp", "compile", "workers"
              "policy_lr", "log_every", "ckpt_every", "milestone_every", "sample_every", "sample_n",
              "sample_steps", "heatmap_height", "heatmap_range", "fid_every", "fid_n", "fid_ref",
              "fid_batch"}
-MAX_CKPT_LOSS = 2.0  # weights are saved only if their L_simple is finite and below this (zero: 1)
 
 
 def parse_args(argv=None):
@@ -177,6 +187,7 @@ def resolve(explicit):
 
 
 def parse_config(argv=None):
+    """The Config that a command line gives (before any --resume)."""
     return resolve(parse_args(argv))
 
 
@@ -232,6 +243,9 @@ def check(cfg, world):
         (not cfg.out_dir.strip(), "--out-dir is empty: name a folder"),
         (cfg.fid_every > 0 and fid_reference(cfg) is None,
          f"--fid-every on --dataset {cfg.dataset} needs --fid-ref, a folder of real images"),
+        (cfg.weighting != "none" and cfg.prediction != "eps",
+         f"--weighting {cfg.weighting} is written for eps-prediction: use --prediction eps, or "
+         "--weighting none"),
         (not (math.isfinite(cfg.snr_gamma) and cfg.snr_gamma > 0),
          f"--snr-gamma must be positive, got {cfg.snr_gamma}"),
         (not (math.isfinite(cfg.lognormal_std) and cfg.lognormal_std > 0
@@ -261,6 +275,39 @@ def warn_unused(cfg, explicit):
         if setting and getattr(cfg, setting) != value:
             print(f"warning: --{name.replace('_', '-')} does nothing in this run: only "
                   f"--{setting} {value} uses it", file=sys.stderr, flush=True)
+
+
+def configure(argv):
+    """The config (a resumed run's is its stored one plus the RESUMABLE flags) and the checkpoint,
+    if any, with the checkpoint file's identity. Checked here, before anything is written."""
+    explicit = parse_args(argv)
+    cfg = resolve(explicit)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not cfg.resume:
+        if os.path.exists(path):
+            raise SystemExit(f"error: {path} exists: pass --resume to continue that run, or choose "
+                             "another --out-dir")
+        warn_unused(cfg, explicit)
+        return cfg, None, None
+    try:
+        identity = file_identity(path)
+        ckpt = ats.load_checkpoint(path)
+    except ats.CheckpointError as e:
+        raise SystemExit(f"error: cannot resume: {e}") from None
+    stored = config_from_dict(ckpt["config"])
+    for name, value in explicit.items():
+        if name not in RESUMABLE and value != getattr(stored, name):
+            flag = "--" + name.replace("_", "-")
+            may = ", ".join(sorted(RESUMABLE - {"resume", "out_dir"}))
+            raise SystemExit(f"error: {flag} {value} differs from the stored run's {name} = "
+                             f"{getattr(stored, name)!r}; on --resume only {may} may change")
+    cfg = Config(**{**asdict(stored), **{k: v for k, v in explicit.items() if k in RESUMABLE},
+                    "out_dir": cfg.out_dir, "resume": True})
+    if cfg.steps <= ckpt["step"]:
+        raise SystemExit(f"error: the run is already at step {ckpt['step']}: pass --steps above "
+                         "that to continue")
+    warn_unused(cfg, explicit)
+    return cfg, ckpt, identity
 
 
 # -------------------------------------------------------------------------------------------------
@@ -436,96 +483,8 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
 
 
 # -------------------------------------------------------------------------------------------------
-# Outputs: log lines, grids, the sampler heatmap, FID, the metrics plot
+# Evaluation and logging: FID over training, the log line (pictures.py draws the rest)
 # -------------------------------------------------------------------------------------------------
-
-HEAT = torch.tensor([[0.0, 0.0, 0.0], [0.45, 0.0, 0.55], [1.0, 0.45, 0.0], [1.0, 1.0, 0.7]])
-
-
-class SamplerLog:
-    """Where the ATS policy put its mass: the last update's summary, and a thinned history of
-    pi(t) for the heatmap."""
-
-    def __init__(self, rows, state=None):
-        self.rows, self.history, self.steps, self.every, self.summary = rows, [], [], 1, {}
-        if state:
-            self.history, self.steps = list(state["history"]), list(state["steps"])
-            self.every, self.summary = state["every"], state["summary"]
-
-    def record(self, step, stats, update_every):
-        """Keep the update's summary, and every `every`-th update's pi(t); halve when full."""
-        p, T = stats["p"], len(stats["p"])
-        t, q = torch.arange(T), T / 4
-        quarters = [round(float(p[(t >= i * q) & (t < (i + 1) * q)].sum()), 3) for i in range(4)]
-        self.summary = {"mean_t": float((p * t).sum()), "S": stats["S"],
-                        "reward": stats["reward"], "quarters": quarters,
-                        "reward_rms": stats["reward_rms"], "kl_step": stats["kl_step"],
-                        "kl_uniform": stats["kl_uniform"], "last_in_S": T - 1 in stats["S"]}
-        if step // update_every % self.every == 0:
-            self.history.append(p)
-            self.steps.append(step)
-            if len(self.history) > self.rows:
-                self.history, self.steps = self.history[::2], self.steps[::2]
-                self.every *= 2
-
-    def state_dict(self):
-        return {"history": self.history, "steps": self.steps, "every": self.every,
-                "summary": self.summary}
-
-
-def to_uint8(x):
-    """Samples in [-1, 1] -> uint8 [0, 255], rounded as torchvision's save_image rounds."""
-    return ((x.float() + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
-@torch.no_grad()
-def save_grid(cfg, trainer, path):
-    """EMA samples by DDIM, from the same noise every time so that grids compare across steps."""
-    shape = (cfg.sample_n, cfg.channels, cfg.image_size, cfg.image_size)
-    with ats.autocast(trainer.device, cfg.amp):
-        x = trainer.diffusion.ddim_sample(trainer.ema, shape, steps=cfg.sample_steps,
-                                          generator=torch.Generator().manual_seed(cfg.seed))
-    torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(cfg.sample_n)))
-
-
-def save_heatmap(history, path, height, spread, steps=None):
-    """pi(t) over training: rows are sampler updates (first at the top), columns t.
-
-    The colour is log(pi(t) T) on [-log spread, log spread]: uniform is mid-ramp, brighter likelier.
-    With matplotlib the picture gets axes (t; the training step of each row when `steps` is given),
-    a colour scale and a title; without it, the bare image, `height` pixels tall.
-    """
-    p = torch.stack(history).float()                                     # (updates, T)
-    plt = pyplot()
-    if plt is None:
-        v = ((p * p.shape[1]).log() / math.log(spread) + 1) / 2          # 0.5 = uniform
-        pos = v.clamp(0, 1) * (len(HEAT) - 1)                            # place on the ramp
-        i = pos.floor().long().clamp(max=len(HEAT) - 2)
-        w = (pos - i)[..., None]
-        rgb = (HEAT[i] * (1 - w) + HEAT[i + 1] * w).permute(2, 0, 1)     # (3, updates, T)
-        rgb = torch.nn.functional.interpolate(rgb[None], size=(height, p.shape[1]),
-                                              mode="nearest")[0]
-        torchvision.utils.save_image(rgb, path)
-        return
-    T, rows = p.shape[1], p.shape[0]
-    first, last = (steps[0], steps[-1]) if steps else (1, rows)
-    last = max(last, first + 1)                                          # one row: still a band
-    import matplotlib.colors as colors  # installed, since pyplot() found it
-
-    fig, ax = plt.subplots(figsize=(8, 1.5 + height / 100))
-    image = ax.imshow((p * T).clamp(1 / spread, spread).numpy(), aspect="auto",
-                      interpolation="nearest", extent=(-0.5, T - 0.5, last, first),
-                      cmap=colors.LinearSegmentedColormap.from_list("heat", HEAT.tolist()),
-                      norm=colors.LogNorm(1 / spread, spread))
-    ax.set(xlabel=f"timestep t (0: almost clean, {T - 1}: almost pure noise)",
-           ylabel="training step" if steps else "sampler update",
-           title=f"ATS policy over training: batch-mean pi(t), {rows} of its updates")
-    bar = fig.colorbar(image, ax=ax, pad=0.02)
-    bar.set_ticks([1 / spread, 1, spread], labels=[f"{1 / spread:g}x", "uniform", f"{spread:g}x"])
-    bar.set_label("pi(t) relative to uniform 1/T")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -575,42 +534,6 @@ def evaluate_fid(cfg, trainer, scorer, rank, world, log_file):
     log_file.flush()
 
 
-def pyplot():
-    """matplotlib's pyplot on its file-only backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_metrics(out_dir):
-    """metrics.png from log.jsonl: the training loss, and FID and KID when there are any."""
-    plt = pyplot()
-    if plt is None:
-        return                                           # said once, at start-up
-    records = read_log(os.path.join(out_dir, "log.jsonl"))
-    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    fids = [(r["step"], r["fid"], r["kid"]) for r in records if "fid" in r]
-    fig, axes = plt.subplots(1 + bool(fids), 1, figsize=(7, 6 if fids else 3.5), squeeze=False)
-    if losses:
-        axes[0][0].plot(*zip(*losses))
-    axes[0][0].set(xlabel="step", ylabel="L_simple, mean per log interval", yscale="log")
-    if fids:
-        steps, fid_values, kid_values = zip(*fids)
-        ax = axes[1][0]
-        ax.plot(steps, fid_values, marker="o", label="FID")
-        ax.set(xlabel="step", ylabel="FID (EMA weights)")
-        twin = ax.twinx()
-        twin.plot(steps, kid_values, marker="s", color="tab:orange", label="KID")
-        twin.set_ylabel("KID")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "metrics.png"), dpi=100)
-    plt.close(fig)
-
-
 def log_line(cfg, step, loss, lr, ips, summary, log_file):
     """One console line and one JSON line: step, loss, lr, images/s, ETA, where ATS looks."""
     eta = (cfg.steps - step) * cfg.batch_size / ips
@@ -625,303 +548,8 @@ def log_line(cfg, step, loss, lr, ips, summary, log_file):
     log_file.flush()
 
 
-def read_log(path):
-    """The records of log.jsonl; a line cut short by a crash is skipped."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
 # -------------------------------------------------------------------------------------------------
-# The run's safety: its folder and lock, checkpoints, signals, the divergence guard
-# -------------------------------------------------------------------------------------------------
-
-
-def configure(argv):
-    """The config (a resumed run's is its stored one plus the RESUMABLE flags) and the checkpoint,
-    if any, with the checkpoint file's identity. Checked here, before anything is written."""
-    explicit = parse_args(argv)
-    cfg = resolve(explicit)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not cfg.resume:
-        if os.path.exists(path):
-            raise SystemExit(f"error: {path} exists: pass --resume to continue that run, or choose "
-                             "another --out-dir")
-        warn_unused(cfg, explicit)
-        return cfg, None, None
-    try:
-        identity = file_identity(path)
-        ckpt = ats.load_checkpoint(path)
-    except ats.CheckpointError as e:
-        raise SystemExit(f"error: cannot resume: {e}") from None
-    stored = config_from_dict(ckpt["config"])
-    for name, value in explicit.items():
-        if name not in RESUMABLE and value != getattr(stored, name):
-            flag = "--" + name.replace("_", "-")
-            may = ", ".join(sorted(RESUMABLE - {"resume", "out_dir"}))
-            raise SystemExit(f"error: {flag} {value} differs from the stored run's {name} = "
-                             f"{getattr(stored, name)!r}; on --resume only {may} may change")
-    cfg = Config(**{**asdict(stored), **{k: v for k, v in explicit.items() if k in RESUMABLE},
-                    "out_dir": cfg.out_dir, "resume": True})
-    if cfg.steps <= ckpt["step"]:
-        raise SystemExit(f"error: the run is already at step {ckpt['step']}: pass --steps above "
-                         "that to continue")
-    warn_unused(cfg, explicit)
-    return cfg, ckpt, identity
-
-
-def file_identity(path):
-    """(size, mtime) of a file, or None if there is none: enough to see that it was replaced."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
-@contextlib.contextmanager
-def claim_out_dir(cfg, ckpt, identity, trainer, rank):
-    """Rank 0 creates and locks the out-dir for the block. A second run, or a second --resume, on a
-    folder that a live run holds is refused; the lock goes with its process, however that ends.
-    Also checks the free space, cuts log.jsonl back to the checkpoint's step and writes config.json
-    from the checkpoint."""
-    if rank > 0:
-        yield
-        return
-    out = cfg.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out-dir {out} is a file: name a folder")
-    need, free = 2 * checkpoint_bytes(trainer), disk_free(out)  # a checkpoint and its temporary
-    if free < need:
-        raise SystemExit(f"error: {out} has {free / 1e6:.0f} MB free, and a checkpoint needs about "
-                         f"{need / 2e6:.0f} MB, twice while it is replaced: make room")
-    try:
-        os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, "lock"), "a+")
-    except OSError as e:
-        raise SystemExit(f"error: --out-dir {out} cannot be created or written ({e.strerror}): "
-                         "choose another") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = lock_holder(lock)
-        lock.close()
-        raise SystemExit(f"error: {out} is in use by a live training run: another process holds "
-                         f"its lock ({holder}); wait for it to end, or choose another --out-dir"
-                         ) from None
-    if ckpt is not None and file_identity(os.path.join(out, "ckpt.pt")) != identity:
-        lock.close()
-        raise SystemExit(f"error: {out}/ckpt.pt changed while this run started (another run wrote "
-                         "it): run the same command again")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    cut_log(os.path.join(out, "log.jsonl"), ckpt["step"] if ckpt else 0)
-    write_config(out, ckpt and ckpt["config"], ckpt and ckpt["step"])  # ckpt.pt's, after any kill
-    try:
-        yield
-    finally:
-        lock.close()                                       # the folder is free for another run
-
-
-def lock_holder(lock):
-    """Who holds the flock on the open file `lock`: the pid /proc/locks names, if that process is
-    alive; else what the last run wrote into the file, which may be stale."""
-    st = os.fstat(lock.fileno())
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/locks") as f:                   # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:56"
-            for words in (line.split() for line in f):
-                if "FLOCK" in words and "->" not in words and inode in words:
-                    pid = int(words[words.index(inode) - 1])
-                    if os.path.exists(f"/proc/{pid}"):
-                        return f"pid {pid}"
-    lock.seek(0)
-    written = lock.read().strip()
-    return f"pid written by the last run: {written.removeprefix('pid ')}" if written else "no pid"
-
-
-def checkpoint_bytes(trainer):
-    """About what a checkpoint takes: the model, its EMA and Adam's two moments, in fp32."""
-    return 16 * sum(p.numel() for p in trainer.model.parameters())
-
-
-def disk_free(path):
-    """Free bytes on the disk that holds path, or would hold it once created."""
-    while not os.path.exists(path):
-        path = os.path.dirname(os.path.abspath(path))
-    return shutil.disk_usage(path).free
-
-
-def cut_log(path, step):
-    """Drop the log lines past `step` (and any line a crash cut short, or that is not UTF-8 JSON): a
-    run that stopped after its last checkpoint logged them, and the resumed run logs those steps
-    again."""
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, "rb") as f:
-            lines = f.readlines()
-    except OSError as e:                                          # a folder named log.jsonl, say
-        raise SystemExit(f"error: cannot read {path} ({e.strerror}): it is not this run's log; "
-                         "move it away, then run again") from None
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:                  # UnicodeDecodeError: ValueError
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    if len(keep) < len(lines):
-        with open(path + ".tmp", "wb") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
-@contextlib.contextmanager
-def memory_for(flags):
-    """An allocation that fails inside becomes one line naming the settings to lower."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:      # torch.OutOfMemoryError is a RuntimeError
-        text = str(e)
-        if not isinstance(e, MemoryError) and not re.search("alloc|out of memory", text):
-            raise
-        size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", text)
-        need = "" if size is None else f" (it asked for {size[2] or in_units(int(size[1]))})"
-        raise SystemExit(f"error: out of memory{need}: lower {flags}") from None
-
-
-def in_units(n):
-    """A byte count as people write it: 36864 -> '36.9 kB', 3e9 -> '3 GB'."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-
-
-def kept(path, saved):
-    return "No checkpoint was written." if saved is None else f"{path} still holds step {saved}."
-
-
-def save(cfg, trainer, name, extra, saved):
-    """Write a checkpoint, and config.json with the config it holds. A failed write (a full disk,
-    say) stops the run with one line; the last good checkpoint stays and no temporary is left."""
-    path = os.path.join(cfg.out_dir, name)
-    config = asdict(cfg)
-    try:
-        ats.save_checkpoint(path, trainer, config, extra)
-        if name == "ckpt.pt":
-            write_config(cfg.out_dir, config, trainer.step)
-    except (OSError, RuntimeError) as e:
-        free = disk_free(cfg.out_dir)
-        full = free < checkpoint_bytes(trainer)
-        why = "the disk is full" if full else str(e).splitlines()[0][:160]
-        last = kept(os.path.join(cfg.out_dir, "ckpt.pt"), saved)
-        raise SystemExit(f"error: writing {path} at step {trainer.step} failed ({why}; "
-                         f"{free / 1e6:.0f} MB free). {last} Make room, then --resume.") from None
-
-
-def write_config(out_dir, config, step):
-    """config.json: ckpt.pt's config and step ("ckpt_step"), written atomically after ckpt.pt and
-    again from ckpt.pt at every start, so a kill between the two writes is mended by the next
-    start. With no checkpoint (config None) there is no config.json."""
-    path = os.path.join(out_dir, "config.json")
-    if config is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump({**config, "ckpt_step": step}, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-class Interrupt:
-    """Turns SIGINT (Ctrl-C), SIGTERM (what schedulers and torchrun send) and SIGHUP (a closed
-    terminal or ssh session) into a flag the loop checks between steps. Under torchrun, a worker
-    whose launcher has died (its parent changed) raises the flag too."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self, watch_parent):
-        self.parent = os.getppid() if watch_parent else None
-        self.reason = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        return self
-
-    def handle(self, signum, _frame):
-        self.reason = self.reason or signal.Signals(signum).name
-        if signum == signal.SIGHUP and sys.stdout.isatty():  # the terminal is gone: printing to
-            sys.stdout = sys.stderr = open(os.devnull, "w")   # it would fail before the save
-
-    @property
-    def flag(self):
-        if self.parent is not None and os.getppid() != self.parent and not self.reason:
-            self.reason = "lost launcher"
-        return self.reason is not None
-
-    def __exit__(self, *_):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def agree(flag, seconds, n, device, world):
-    """(stop, steps until the next agreement): any rank's flag stops all; rank 0's clock paces
-    the checks to about every 2 seconds."""
-    if world == 1:
-        return flag, 1
-    rank = dist.get_rank()
-    pace = max(1, round(2.0 * n / max(seconds, 1e-6))) if rank == 0 else 0
-    t = ats.all_reduce(torch.tensor([float(flag), float(pace)], device=device))
-    return bool(t[0] > 0), int(t[1])
-
-
-LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Socket Timeout")
-
-
-@contextlib.contextmanager
-def peer_lost(trainer, kept_line, world):
-    """A collective that fails because another process of the run died (kill -9, a crashed node)
-    becomes one line saying which step ckpt.pt holds, on every rank still alive."""
-    try:
-        yield
-    except RuntimeError as e:                  # gloo's errors and dist.DistBackendError
-        lost = LOST_PEER.search(str(e)) if world > 1 else None
-        if lost is None:
-            raise
-        raise SystemExit(f"error: at step {trainer.step} another process of this run was lost "
-                         f"({lost[0]}). {kept_line()} Resume with --resume once every process "
-                         "can start again.") from None
-
-
-def mean_over_ranks(x, world):
-    return (ats.all_reduce(x) / world).item()
-
-
-def check_weights(trainer, path, saved):
-    """Stop before saving weights whose loss is not finite or is above MAX_CKPT_LOSS (twice what
-    predicting zero noise scores). Every rank checks its own batch; the worst decides."""
-    loss = torch.tensor(trainer.check_loss(trainer.batch), device=trainer.device)
-    loss = ats.all_reduce(loss, op="max").item()
-    if not (math.isfinite(loss) and loss <= MAX_CKPT_LOSS):
-        raise SystemExit(f"error: at step {trainer.step} the weights give L_simple {loss:.3g} "
-                         f"(above {MAX_CKPT_LOSS}, worse than predicting zero noise): training "
-                         f"diverged; not saved. {kept(path, saved)} Resume with a lower --lr, or "
-                         "try --amp none.")
-
-
-# -------------------------------------------------------------------------------------------------
-# The run: config, processes, model, FID, folder, data, resume, the loop
+# The run: build, restore, then the loop in the locked out-dir (safety.py guards it)
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1037,7 +665,13 @@ def loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world
     return stop
 
 
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the processes, as a float."""
+    return (ats.all_reduce(x) / world).item()
+
+
 def make_scorer(cfg, device):
+    """fid.Scorer for --fid-ref, checked now (package, weights, reference), or one error line."""
     import fid
     try:
         return fid.Scorer(fid_reference(cfg), data_dir=cfg.data_dir, device=device)
@@ -1065,6 +699,7 @@ def outputs(cfg, trainer, log, loss, ips, log_file, due, saved):
 
 
 def main(argv=None):
+    """Configure, start the processes, train, and end with the run's exit code."""
     # Config: flags over the preset; on --resume, the stored run plus the RESUMABLE flags
     cfg, ckpt, identity = configure(argv)
     # Processes: one, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU)
