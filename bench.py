@@ -515,7 +515,7 @@ def parse_variants(names, extra):
     variant, or one built on a named variant with `name:base=ats-placebo,key=value,...`."""
     names = ALL_VARIANTS if names == "all" else names
     chosen = {}
-    for name in names.split(","):
+    for name in filter(None, names.split(",")):        # '' with --variant: only those
         if name not in VARIANTS:
             raise SystemExit(f"error: unknown variant {name!r}: choose from {sorted(VARIANTS)} "
                              "or define one with --variant")

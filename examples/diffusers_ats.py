@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ats  # noqa: E402  (pip install -e . makes this work from anywhere)
+import ats  # noqa: E402  # ATS (pip install -e . makes this work from anywhere)
 
-PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers -> ats names
+PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # ATS: diffusers -> ats
 
 
 def parse_args(argv=None):
@@ -90,8 +90,8 @@ def main(argv=None):
     unet = lambda x, t: model(x, t).sample          # ATS: diffusers returns an output object
     vlb = lambda x0, t, noise: diffusion.vlb_terms(unet, x0, t, noise)          # ATS
     sampler = ats.AdaptiveTimestepSampler(T, vlb, in_channels=1, model=model,   # ATS
-                                          update_every=args.update_every, seed=args.seed,
-                                          device=device)
+                                          update_every=args.update_every,  # ATS
+                                          seed=args.seed, device=device)   # ATS
     path, step = os.path.join(args.out, "state.pt"), 0
     if os.path.exists(path):
         state = torch.load(path, map_location=device, weights_only=True)
@@ -110,7 +110,7 @@ def main(argv=None):
         raise SystemExit(f"error: {path} is already at step {step}: pass a larger --steps")
     model.train()
     while step < args.steps:
-        images, times, total = [], [], 0.0
+        images, times, total = [], [], 0.0           # ATS: the accumulated batch's x0 and t
         for _ in range(args.accumulate):                # gradient accumulation, as accelerate's
             x0 = data[torch.randint(0, len(data), (args.batch_size,), generator=gen,
                                     device=device)]
@@ -122,8 +122,8 @@ def main(argv=None):
                 target = scheduler.get_velocity(x0, noise, t)
             loss = F.mse_loss(model(xt, t).sample, target) / args.accumulate
             loss.backward()
-            images.append(x0)
-            times.append(t)
+            images.append(x0)                          # ATS
+            times.append(t)                            # ATS
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         # accelerate: `if accelerator.sync_gradients:` marks this micro-step
@@ -139,7 +139,8 @@ def main(argv=None):
                   f"{float((p * torch.arange(T)).sum()):.0f} | quarters {quarters}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "warmup": warmup.state_dict(), "sampler": sampler.state_dict(), "step": step,
+             "warmup": warmup.state_dict(), "step": step,
+             "sampler": sampler.state_dict(),                                         # ATS
              "generator": gen.get_state(),
              "args": {k: v for k, v in vars(args).items() if k not in ("steps", "out")}}
     torch.save(state, path + ".tmp")
