@@ -2,10 +2,14 @@
 
     test_ats.py          diffusion maths, U-Net, sampler API, ATS, Trainer, checkpoints
     test_heuristics.py   loss weightings and the heuristic samplers
-    test_train.py        train.py: config, data, resume, safety, FID over training, torchrun
+    test_train.py        train.py: config and flags, outputs, resume, FID over training, torchrun
+    test_data.py         data.py: CIFAR-10, image folders, synthetic shapes, the batch order
+    test_safety.py       safety.py, through train.py: the lock, divergence, signals, failed writes
+    test_pictures.py     pictures.py: the sampler heatmap
     test_sample.py       sample.py: grids, the PNG folder it vouches for, --fid
     test_fid.py          fid.py: FID and KID through torch-fidelity, offline
     test_bench.py        bench.py: speed, converge, report
+    test_examples.py     examples/: the diffusers loop (skipped without diffusers)
 
 Everything runs on the CPU; helpers build tiny models and data so that a test takes seconds.
 """
@@ -15,6 +19,7 @@ import math
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -244,3 +249,11 @@ def real_images(folder, n, size=8, seed=0, channels=1):
     for i, img in enumerate(x):
         torchvision.utils.save_image(img, folder / f"real{i:04d}.png")
     return folder
+
+
+def wait_for(path, seconds=120):
+    """Wait until `path` exists (a background run has started writing), or fail."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert path.exists(), f"{path} never appeared"

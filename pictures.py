@@ -1,6 +1,6 @@
-"""What a run draws: the ATS sampler's record and its heatmap, the sample grids and the metrics
-plot. matplotlib is optional: without it the heatmap is a bare image and the plots are skipped.
-train.py and bench.py both draw with these.
+"""What a run draws: the ATS sampler's record and its heatmap, the sample grids, the samples FID
+scores over training, and the metrics plot. matplotlib is optional: without it the heatmap is a
+bare image and the plots are skipped. train.py and bench.py both draw with these.
 """
 
 import json
@@ -8,6 +8,7 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
 import torchvision
 
 import ats
@@ -60,6 +61,28 @@ def save_grid(cfg, trainer, path):
         x = trainer.diffusion.ddim_sample(trainer.ema, shape, steps=cfg.sample_steps,
                                           generator=torch.Generator().manual_seed(cfg.seed))
     torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(cfg.sample_n)))
+
+
+@torch.no_grad()
+def fid_samples(cfg, trainer, rank, world):
+    """cfg.fid_n EMA samples by DDIM, image i from the noise of (seed, i) alone, split over the
+    ranks and gathered: uint8 (fid_n, C, H, W) on every rank."""
+    per = math.ceil(cfg.fid_n / world)
+    mine = range(rank * per, min((rank + 1) * per, cfg.fid_n))
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    out = torch.zeros((per, *shape), dtype=torch.uint8, device=trainer.device)
+    for start in range(0, len(mine), cfg.fid_batch):
+        index = mine[start:start + cfg.fid_batch]
+        with ats.autocast(trainer.device, cfg.amp):
+            x = trainer.diffusion.ddim_sample(trainer.ema, (len(index), *shape),
+                                              steps=cfg.sample_steps,
+                                              generator=ats.image_generators(cfg.seed, index))
+        out[start:start + len(index)] = to_uint8(x)
+    if world > 1:
+        parts = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(parts, out)
+        out = torch.cat(parts)
+    return out[:cfg.fid_n].cpu()
 
 
 def save_heatmap(history, path, height, spread, steps=None):

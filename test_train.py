@@ -1,9 +1,8 @@
-"""train.py: config and flags, data, outputs and resume, the run's safety, FID over training, and
-several processes under torchrun. CPU only."""
+"""train.py: config and flags, outputs and resume, FID over training, and several processes under
+torchrun (test_data.py, test_safety.py and test_pictures.py test the modules it calls). CPU only."""
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -11,12 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torchvision
 from PIL import Image
 
 import ats
@@ -27,14 +24,13 @@ import train
 from conftest import (
     HERE,
     TINY,
-    TINY_CFG,
     fid_unavailable,
     free_port,
     log_records,
-    poison,
     real_images,
     run,
     use_stand_in_fid,
+    wait_for,
 )
 
 
@@ -57,13 +53,6 @@ def torchrun(out, *extra, steps="100000"):
            *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-
-
-def wait_for(path, seconds=120):
-    deadline = time.time() + seconds
-    while not path.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert path.exists(), f"{path} never appeared"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -229,110 +218,6 @@ def test_flags_this_run_never_reads_are_warned(tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------------------------------
-# Data
-# -------------------------------------------------------------------------------------------------
-
-
-def test_cifar10_without_data_or_network_gives_clear_error(tmp_path, monkeypatch):
-    """With no local CIFAR-10 and a failing download, one message names the fixes."""
-    def no_network(self):
-        raise OSError("network is unreachable")
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
-                    "--device", "cpu", "--ch", "16", "--ch-mult", "1,2", "--num-res", "1"])
-    assert "CIFAR-10" in e.value.code and "--dataset synthetic" in e.value.code
-    assert not (tmp_path / "run").exists()
-
-
-def test_cifar10_is_decoded_into_one_uint8_tensor(monkeypatch):
-    """CIFAR-10's (N, 32, 32, 3) array becomes a (N, 3, S, S) uint8 tensor, resized if S != 32."""
-    arrays = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-
-    class FakeCIFAR10:
-        def __init__(self, root, train, download):
-            self.data = arrays.numpy()
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    full = train.make_dataset(train.Config())
-    assert full.dtype == torch.uint8 and torch.equal(full, arrays.permute(0, 3, 1, 2))
-    assert train.make_dataset(train.Config(image_size=16)).shape == (5, 3, 16, 16)
-
-
-def test_folder_dataset_reads_resizes_and_names_a_corrupt_file(tmp_path):
-    """--dataset folder reads images resized and cropped; a corrupt file stops training with one
-    line naming it, whether the data is decoded on the device or streamed by workers."""
-    (tmp_path / "sub").mkdir()
-    Image.new("RGB", (40, 20), "red").save(tmp_path / "a.png")
-    Image.new("L", (9, 30)).save(tmp_path / "sub" / "b.jpg")
-    data = train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path), image_size=8))
-    assert len(data) == 2 and all(data[i].shape == (3, 8, 8) for i in range(2))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no images"):
-        train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path / "empty"),
-                                        image_size=8))
-    for i in range(14):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"ok{i}.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    for on_device, workers in (("yes", "0"), ("no", "0"), ("no", "1")):
-        with pytest.raises(SystemExit, match=r"error: cannot read image .*broken\.png"):
-            run(tmp_path / f"out{on_device}{workers}", "--dataset", "folder", "--data-dir",
-                str(tmp_path), "--on-device", on_device, "--workers", workers, "--channels", "3",
-                "--steps", "8")
-
-
-def test_an_image_claiming_to_be_huge_is_named(tmp_path):
-    """A PNG whose header claims 30000x30000 pixels (PIL's decompression-bomb guard) is an
-    unreadable image like any other, named in one line."""
-    Image.new("L", (8, 8)).save(tmp_path / "bomb.png")
-    png = bytearray((tmp_path / "bomb.png").read_bytes())
-    png[16:24] = (30000).to_bytes(4, "big") * 2                  # IHDR width and height
-    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")  # a valid header checksum
-    (tmp_path / "bomb.png").write_bytes(bytes(png))
-    data = train.make_dataset(train.Config(dataset="folder", data_dir=str(tmp_path),
-                                           image_size=8))
-    with pytest.raises(train.UnreadableImage, match=r"cannot read image .*bomb\.png"):
-        data[0]
-
-
-def test_resident_data_gives_the_dataloader_batches():
-    """Batches indexed from a resident tensor equal the DataLoader's, epoch after epoch, from any
-    step."""
-    cfg = train.Config(**{**TINY_CFG, "workers": 0})
-    data = train.synthetic_shapes(20, 8, 1, seed=0)
-    dataset = [data[i] for i in range(len(data))]
-    cpu = torch.device("cpu")
-    for start in (0, 3):
-        a = train.batches(cfg, data, train.batch_indices(20, 4, 0, 1, 0, start), cpu)
-        b = train.batches(cfg, dataset, train.batch_indices(20, 4, 0, 1, 0, start), cpu)
-        for _ in range(12):  # three epochs of 5 batches
-            assert torch.equal(next(a), next(b))
-
-
-def test_synthetic_data_is_deterministic_and_structured():
-    """The same seed gives the same images, another seed others, and images are not flat noise."""
-    a, b = train.synthetic_shapes(8, 16, 3, seed=0), train.synthetic_shapes(8, 16, 3, seed=1)
-    assert a.dtype == torch.uint8 and a.shape == (8, 3, 16, 16)
-    assert torch.equal(a, train.synthetic_shapes(8, 16, 3, seed=0)) and not torch.equal(a, b)
-    x = a.float()
-    assert (x[..., 1:] - x[..., :-1]).abs().mean() < 0.5 * (x - x.mean()).abs().mean()
-
-
-def test_a_corrupt_cifar10_archive_is_named_as_corrupt(tmp_path, monkeypatch):
-    """A cifar-10-python.tar.gz whose MD5 is wrong (cut short by a failed download) is named as
-    corrupt, with the fix (delete it), not reported as a download that failed."""
-    def no_network(self):
-        raise OSError("network is unreachable")
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
-    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b half an archive")
-    with pytest.raises(SystemExit) as e:
-        train.make_dataset(train.Config(data_dir=str(tmp_path)))
-    assert e.value.code == (f"error: {tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its MD5 is "
-                            "not CIFAR-10's): delete it and run again to download it, or put a "
-                            "good copy there")
-
-
-# -------------------------------------------------------------------------------------------------
 # Outputs and resume
 # -------------------------------------------------------------------------------------------------
 
@@ -350,25 +235,6 @@ def test_train_writes_its_outputs(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == {**ckpt["config"], "ckpt_step": 4}
     pytest.importorskip("matplotlib")
     assert (tmp_path / "metrics.png").is_file()
-
-
-def test_the_heatmap_has_axes_with_matplotlib_and_is_bare_without(tmp_path, monkeypatch):
-    """sampler.png: a figure with axes and a colour scale when matplotlib is there; else the bare
-    image, one column per t and --heatmap-height rows, uniform drawn as the ramp's middle."""
-    uniform, peaked = torch.full((50,), 1 / 50), torch.softmax(torch.arange(50.0) / 5, 0)
-    history = [uniform] * 3 + [peaked] * 3
-    monkeypatch.setitem(sys.modules, "matplotlib", None)                  # import fails
-    pictures.save_heatmap(history, tmp_path / "bare.png", 40, 10.0)
-    bare = torchvision.transforms.functional.pil_to_tensor(Image.open(tmp_path / "bare.png"))
-    assert bare.shape == (3, 40, 50)
-    middle = (pictures.HEAT[1] + pictures.HEAT[2]) / 2 * 255                   # the ramp at 0.5
-    assert (bare[:, 0].float().T - middle).abs().max() <= 1               # first rows: uniform
-    assert bare[:, -1, -1].float().mean() > bare[:, -1, 0].float().mean()  # likelier is brighter
-    monkeypatch.undo()
-    pytest.importorskip("matplotlib")
-    pictures.save_heatmap(history, tmp_path / "figure.png", 256, 10.0, steps=[2, 4, 6, 8, 10, 12])
-    width, height = Image.open(tmp_path / "figure.png").size
-    assert width > 50 and height > 256                     # the image plus axes, title and scale
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -511,150 +377,6 @@ def test_a_log_that_is_a_folder_or_not_utf8_is_no_traceback(tmp_path, log):
         f.write(b'{"step": 2, "loss": "\xff\xfe"}\n')
     run(tmp_path, "--steps", "3", "--log-every", "1", "--resume")
     assert [r["step"] for r in log_records(tmp_path)] == [1, 2, 3]
-
-
-# -------------------------------------------------------------------------------------------------
-# The run's safety: locks, divergence, signals, failed writes
-# -------------------------------------------------------------------------------------------------
-
-
-def test_a_live_run_holds_its_out_dir(tmp_path):
-    """While a live run holds the out-dir, a second --resume, or a fresh run into a folder whose
-    run has not saved yet, is refused with one line and writes nothing; the lock file a finished
-    run leaves behind blocks nothing."""
-    run(tmp_path, "--steps", "2")
-    before = {n: (tmp_path / n).read_bytes() for n in ("ckpt.pt", "config.json", "log.jsonl")}
-    (tmp_path / "young").mkdir()
-    with open(tmp_path / "lock", "a+") as a, open(tmp_path / "young" / "lock", "a+") as b:
-        for held in (a, b):                                            # two live runs' locks
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit, match="in use by a live training run"):
-            run(tmp_path, "--steps", "4", "--resume")
-        with pytest.raises(SystemExit, match="in use by a live training run"):
-            run(tmp_path / "young", "--steps", "4", "--seed", "5")
-    assert all((tmp_path / n).read_bytes() == data for n, data in before.items())
-    assert os.listdir(tmp_path / "young") == ["lock"]
-    assert run(tmp_path, "--steps", "4", "--resume")["step"] == 4      # the lock file is left
-
-
-def test_a_second_process_cannot_take_a_live_run_over(tmp_path):
-    """The reproduction: a run is started, then the same command with another seed a moment later.
-    The second exits 1 with one line; the first trains on alone and saves its own state."""
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), *TINY, "--out-dir", str(tmp_path),
-           "--steps", "100000", "--log-every", "50", "--ckpt-every", "100000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=env)
-    try:
-        wait_for(tmp_path / "log.jsonl")
-        second = subprocess.run([*cmd, "--seed", "5"], capture_output=True, text=True, env=env)
-        assert second.returncode == 1 and "in use by a live training run" in second.stderr
-        assert second.stderr.count("\n") == 1 and first.poll() is None  # the first trains on
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=120) == 130
-    finally:
-        first.kill()
-    ckpt = ats.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    steps = [r["step"] for r in log_records(tmp_path)]
-    assert ckpt["config"]["seed"] == 0 and steps == list(range(50, 50 * len(steps) + 1, 50))
-
-
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """A NaN loss stops the run, names the step ckpt.pt holds, and leaves ckpt.pt untouched."""
-    run(tmp_path, "--steps", "2")
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    poison(monkeypatch, 2, "nan")
-    with pytest.raises(SystemExit, match="loss became nan by step 4.*still holds step 2"):
-        run(tmp_path, "--steps", "6", "--resume")
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
-
-
-def test_diverged_weights_never_reach_the_checkpoint(tmp_path, monkeypatch):
-    """Weights with a huge but finite loss are not saved; with no checkpoint yet, it says so."""
-    poison(monkeypatch, 1, "huge")
-    with pytest.raises(SystemExit, match="diverged; not saved. No checkpoint was written"):
-        run(tmp_path, "--steps", "6")
-    assert not (tmp_path / "ckpt.pt").exists()
-    monkeypatch.undo()
-    run(tmp_path / "b", "--steps", "2")
-    poison(monkeypatch, 3, "huge")
-    with pytest.raises(SystemExit, match="diverged; not saved.*still holds step 2"):
-        run(tmp_path / "b", "--steps", "6", "--resume")
-    assert ats.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 2
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signal_saves_then_exits_130(tmp_path, monkeypatch, sig):
-    """SIGINT, SIGTERM or SIGHUP in step 3 lets it finish, saves ckpt.pt at step 3, exits 130."""
-    handlers = [signal.getsignal(s) for s in safety.Interrupt.SIGNALS]
-    step = ats.Trainer.train_step
-
-    def step_then_signal(self, x0):
-        if self.step == 2:
-            os.kill(os.getpid(), sig)
-        return step(self, x0)
-    monkeypatch.setattr(ats.Trainer, "train_step", step_then_signal)
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--steps", "10", "--ckpt-every", "100")
-    assert e.value.code == 130
-    assert ats.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
-    assert [signal.getsignal(s) for s in safety.Interrupt.SIGNALS] == handlers  # restored
-
-
-def test_a_failed_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    """A checkpoint write that fails half-way (a full disk) stops the run with one line that says
-    so; ckpt.pt keeps the last good step and no temporary file is left."""
-    run(tmp_path, "--steps", "2")
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    full = []                                                         # the disk fills up now
-
-    def disk_full(obj, path, *a, **k):
-        full.append(path)
-        with open(path, "wb") as f:
-            f.write(b"\0" * 100)
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 64 vs 100")
-    monkeypatch.setattr(torch, "save", disk_full)
-    monkeypatch.setattr(safety, "disk_free", lambda path: 1000 if full else 10**12)
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--steps", "4", "--resume")
-    monkeypatch.undo()
-    message = e.value.code
-    assert message.startswith("error:") and "\n" not in message and "the disk is full" in message
-    assert "still holds step 2" in message
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
-    assert not (tmp_path / "ckpt.pt.tmp").exists()
-
-
-def test_too_little_space_is_refused_before_training(tmp_path, monkeypatch):
-    """An out-dir whose disk cannot hold two checkpoints is refused before the first step."""
-    monkeypatch.setattr(safety, "disk_free", lambda path: 1000)
-    monkeypatch.setattr(ats.Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
-    with pytest.raises(SystemExit, match="MB free, and a checkpoint needs about"):
-        run(tmp_path, "--steps", "2")
-
-
-def test_the_lock_refusal_names_only_a_pid_that_holds_the_lock(tmp_path):
-    """A refused run names the pid that /proc/locks says holds the folder's lock, not the stale
-    one an earlier run wrote into the file; without /proc/locks it says whose pid that was."""
-    (tmp_path / "lock").write_text("pid 999999 on elsewhere\n")
-    with open(tmp_path / "lock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)               # this process: live
-        with pytest.raises(SystemExit) as e:
-            run(tmp_path, "--steps", "2")
-    holder = (f"pid {os.getpid()}" if os.path.exists("/proc/locks") else
-              "pid written by the last run: 999999 on elsewhere")
-    assert e.value.code == (f"error: {tmp_path} is in use by a live training run: another "
-                            f"process holds its lock ({holder}); wait for it to end, or choose "
-                            "another --out-dir")
-
-
-def test_the_memory_line_gives_the_size_in_a_unit_that_fits():
-    """The out-of-memory line says 36.9 kB, 2.5 GB or 12 bytes, never 'asked for 0.0 GB'."""
-    for asked, said in ((36864, "36.9 kB"), (2_500_000_000, "2.5 GB"), (12, "12 bytes")):
-        with pytest.raises(SystemExit) as e, safety.memory_for("--ch"):
-            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate "
-                               f"{asked} bytes. Error code 12 (Cannot allocate memory)")
-        assert e.value.code == f"error: out of memory (it asked for {said}): lower --ch"
 
 
 # -------------------------------------------------------------------------------------------------
