@@ -543,11 +543,12 @@ def eval_steps(steps, n_evals):
     return sorted({round(steps * (i + 1) / n_evals) for i in range(n_evals)})
 
 
-def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
-    """One run, evaluated at the steps in `evals`. Data order, initial weights and training noise
-    depend on cfg.seed only, not on the variant. Returns the run's record and, for ATS, the
-    policy's history for the heatmap. Training time is counted both as the process's CPU seconds
-    (robust to other processes sharing the machine) and as wall-clock seconds."""
+def train_run(cfg, sampler_cls, train_x, evaluate, evals, device, name):
+    """One run, evaluated at the steps in `evals`, with a progress line at each evaluation. Data
+    order, initial weights and training noise depend on cfg.seed only, not on the variant. Returns
+    the run's record and, for ATS, the policy's history for the heatmap. Training time is counted
+    both as the process's CPU seconds (robust to other processes sharing the machine) and as
+    wall-clock seconds."""
     trainer = build(cfg, device, sampler_cls=sampler_cls)
     data = batches(train_x, cfg.batch_size, seeded(cfg.seed))
     log, curve, cpu, wall, updates = pictures.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0, []
@@ -562,6 +563,9 @@ def train_run(cfg, sampler_cls, train_x, evaluate, evals, device):
         if trainer.step in evals:
             curve.append({"step": trainer.step, "cpu_seconds": cpu, "wall_seconds": wall,
                           **evaluate(trainer)})
+            print(f"  {name:14s} seed {cfg.seed}: step {trainer.step}/{evals[-1]}  NLL "
+                  f"{curve[-1]['nll']:.3f} bpd  train {cpu:.0f} CPU s, {wall:.0f} s wall",
+                  flush=True)
         tic = time.process_time(), time.perf_counter()
     last_p = log.history[-1] if log.history else None
     final_p = None if last_p is None else [float(f"{v:.6g}") for v in last_p.tolist()]
@@ -643,7 +647,7 @@ def converge(args, device):
             cfg = dataclasses.replace(configs[name], seed=seed)
             sampler_cls = over.get("sampler_cls", ats.AdaptiveTimestepSampler)
             record, history = train_run(cfg, sampler_cls, train_x, evaluate, results["evals"],
-                                        device)
+                                        device, name)
             results["runs"].append({"variant": name, "seed": seed, **record})
             last = record["curve"][-1]
             print(f"  {name:14s} seed {seed}: NLL {last['nll']:.3f} bpd  "
@@ -728,7 +732,8 @@ METRICS = ("nll", "kid", "fd")
 
 def summarise(results):
     """Mean and std across seeds at every evaluation step, and where each variant first reaches
-    uniform's final mean: its step, training seconds and their ratio to uniform's."""
+    uniform's final mean: its step, training seconds and their ratio to uniform's; on NLL also
+    where each of its seeds does."""
     clock, summary = results["clock"], {}
     for name in results["variants"]:
         runs = [r for r in results["runs"] if r["variant"] == name]
@@ -751,6 +756,13 @@ def summarise(results):
                 p = next((p for p in s["points"] if p[key] <= final[key]), None)
                 s["reach"][key] = p and {"step": p["step"], "seconds": p["seconds"],
                                          "ratio": p["seconds"] / final["seconds"]}
+        for name, s in summary.items():             # each seed on its own, on NLL: the spread
+            s["reach_seeds"] = []
+            for run in sorted((r for r in results["runs"] if r["variant"] == name),
+                              key=lambda r: r["seed"]):
+                p = next((p for p in run["curve"] if p["nll"] <= final["nll"]), None)
+                reached = {"step": p["step"], "ratio": p[clock] / final["seconds"]} if p else {}
+                s["reach_seeds"].append({"seed": run["seed"], **reached})
     return summary
 
 
@@ -802,6 +814,13 @@ def write_report(results, out, quiet=False):
                      f"{pm(p['fd'], p['fd_std'], '.2f')} | "
                      f"{pm(p['seconds'], p['seconds_std'], '.0f')} | {reach(r.get('nll'))} | "
                      f"{reach(r.get('kid'))} | {reach(r.get('fd'))} | {quarters} |")
+    seeds = [f"{name}: " + ", ".join(f"seed {r['seed']} " + (f"{r['step']} ({r['ratio']:.2f})"
+                                     if "step" in r else "not reached") for r in s["reach_seeds"])
+             for name, s in summary.items() if name != "uniform" and s.get("reach_seeds")]
+    if seeds:
+        lines += ["", "Each seed on its own: the first evaluation step at which that seed's NLL is "
+                  "at or below uniform's final mean, and (in brackets) that seed's training "
+                  "seconds there over uniform's mean total.", "", *(f"- {x}" for x in seeds)]
     lines += ["", "Every evaluation step:", "",
               "| variant | step | train s | NLL bpd | KID x1e3 | FD |", "|---|---|---|---|---|---|"]
     for name, s in summary.items():

@@ -170,13 +170,18 @@ def test_the_placebo_learns_nothing_from_a_reward_that_favours_small_t():
 # -------------------------------------------------------------------------------------------------
 
 
-def test_converge_writes_results_resumes_and_merges(tmp_path):
+def test_converge_writes_results_resumes_and_merges(tmp_path, capsys):
     """converge at toy sizes writes JSON, markdown, curves, policies and heatmaps with finite
-    metrics and the metric's own noise; it refuses to overwrite a study, resumes one skipping the
-    runs it holds, and two folders merge into one table with their heatmaps."""
+    metrics and the metric's own noise, with a progress line at each evaluation; it refuses to
+    overwrite a study, resumes one skipping the runs it holds, and two folders merge into one
+    table with their heatmaps."""
     pytest.importorskip("sklearn")
     pytest.importorskip("torch_fidelity")
     first = converge(tmp_path / "s0", "--variants", "uniform,ats-placebo")
+    steps = [p["step"] for p in first["runs"][0]["curve"]]
+    out = capsys.readouterr().out
+    for step in steps:
+        assert f"ats-placebo    seed 0: step {step}/{steps[-1]}  NLL" in out
     with pytest.raises(SystemExit, match="pass --resume"):
         converge(tmp_path / "s0", "--variants", "uniform,ats-placebo")
     resumed = converge(tmp_path / "s0", "--variants", "uniform,ats-placebo,ats-paper,lsm",
@@ -199,6 +204,28 @@ def test_converge_writes_results_resumes_and_merges(tmp_path):
     assert merged["summary"]["uniform"]["seeds"] == [0, 1]
     assert merged["summary"]["ats-paper"]["seeds"] == [0]
     assert os.path.isfile(tmp_path / "all" / "policy_ats-placebo_seed1.png")
+
+
+def test_each_seed_reaches_uniforms_final_nll_on_its_own():
+    """The per-seed reach: each seed's first evaluation at or below uniform's final mean NLL, with
+    that seed's seconds over uniform's mean total; a seed that never gets there says so."""
+    def run(variant, seed, nlls, seconds):
+        curve = [{"step": 10 * (i + 1), "cpu_seconds": s, "nll": n, "kid": 0.0, "fd": 0.0}
+                 for i, (n, s) in enumerate(zip(nlls, seconds))]
+        return {"variant": variant, "seed": seed, "curve": curve}
+    results = {"clock": "cpu_seconds", "evals": [10, 20, 30], "variants": ["uniform", "ats"],
+               "runs": [run("uniform", 0, [5.0, 4.6, 4.4], [10, 20, 30]),
+                        run("uniform", 1, [5.0, 4.6, 4.6], [10, 20, 50]),          # mean 4.5, 40 s
+                        run("ats", 0, [4.8, 4.5, 4.3], [12, 24, 36]),
+                        run("ats", 1, [4.9, 4.7, 4.3], [14, 28, 42]),
+                        run("ats", 2, [4.9, 4.7, 4.6], [14, 28, 42])]}
+    for r in results["runs"]:
+        r.update(quarters=None, final_p=None)
+    summary = bench.summarise(results)
+    assert summary["ats"]["reach_seeds"] == [{"seed": 0, "step": 20, "ratio": 24 / 40},
+                                             {"seed": 1, "step": 30, "ratio": 42 / 40},
+                                             {"seed": 2}]
+    assert summary["ats"]["reach"]["nll"]["step"] == 30          # the mean 4.4 at step 30
 
 
 @pytest.fixture(scope="module")
