@@ -750,19 +750,17 @@ def summarise(results):
                          "final_p": [r["final_p"] for r in runs]}
     if "uniform" in summary:
         final = summary["uniform"]["points"][-1]
-        for s in summary.values():
-            s["reach"] = {}
-            for key in METRICS:
-                p = next((p for p in s["points"] if p[key] <= final[key]), None)
-                s["reach"][key] = p and {"step": p["step"], "seconds": p["seconds"],
-                                         "ratio": p["seconds"] / final["seconds"]}
-        for name, s in summary.items():             # each seed on its own, on NLL: the spread
-            s["reach_seeds"] = []
-            for run in sorted((r for r in results["runs"] if r["variant"] == name),
-                              key=lambda r: r["seed"]):
-                p = next((p for p in run["curve"] if p["nll"] <= final["nll"]), None)
-                reached = {"step": p["step"], "ratio": p[clock] / final["seconds"]} if p else {}
-                s["reach_seeds"].append({"seed": run["seed"], **reached})
+
+        def reach(points, key, seconds):
+            """The first point at or below uniform's final mean, or None."""
+            p = next((p for p in points if p[key] <= final[key]), None)
+            return p and {"step": p["step"], "seconds": p[seconds],
+                          "ratio": p[seconds] / final["seconds"]}
+        for name, s in summary.items():
+            s["reach"] = {key: reach(s["points"], key, "seconds") for key in METRICS}
+            s["reach_seeds"] = [{"seed": r["seed"], "nll": reach(r["curve"], "nll", clock)}
+                                for r in sorted((r for r in results["runs"]
+                                                 if r["variant"] == name), key=lambda r: r["seed"])]
     return summary
 
 
@@ -814,8 +812,8 @@ def write_report(results, out, quiet=False):
                      f"{pm(p['fd'], p['fd_std'], '.2f')} | "
                      f"{pm(p['seconds'], p['seconds_std'], '.0f')} | {reach(r.get('nll'))} | "
                      f"{reach(r.get('kid'))} | {reach(r.get('fd'))} | {quarters} |")
-    seeds = [f"{name}: " + ", ".join(f"seed {r['seed']} " + (f"{r['step']} ({r['ratio']:.2f})"
-                                     if "step" in r else "not reached") for r in s["reach_seeds"])
+    seeds = [f"{name}: " + ", ".join(f"seed {r['seed']} {reach(r['nll'])}"
+                                     for r in s["reach_seeds"])
              for name, s in summary.items() if name != "uniform" and s.get("reach_seeds")]
     if seeds:
         lines += ["", "Each seed on its own: the first evaluation step at which that seed's NLL is "

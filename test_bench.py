@@ -222,9 +222,10 @@ def test_each_seed_reaches_uniforms_final_nll_on_its_own():
     for r in results["runs"]:
         r.update(quarters=None, final_p=None)
     summary = bench.summarise(results)
-    assert summary["ats"]["reach_seeds"] == [{"seed": 0, "step": 20, "ratio": 24 / 40},
-                                             {"seed": 1, "step": 30, "ratio": 42 / 40},
-                                             {"seed": 2}]
+    assert summary["ats"]["reach_seeds"] == [
+        {"seed": 0, "nll": {"step": 20, "seconds": 24, "ratio": 24 / 40}},
+        {"seed": 1, "nll": {"step": 30, "seconds": 42, "ratio": 42 / 40}},
+        {"seed": 2, "nll": None}]
     assert summary["ats"]["reach"]["nll"]["step"] == 30          # the mean 4.4 at step 30
 
 
