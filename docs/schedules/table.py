@@ -1,0 +1,91 @@
+"""The schedules table: the held-out NLL of uniform, ats-paper and lsm under the linear, cosine and
+quad schedules, seed by seed, from the converge folders below.
+
+`bench.py report` refuses to merge these folders, and rightly: they were made on two machines
+whose floats differ, so each trained its own KID/FD feature net (hashes in the output) and their
+KID and FD are not on one scale. The NLL needs no feature net, so this script tabulates the NLL
+alone, and compares training seconds only between runs of one machine (same feature net). Run
+from the repository root:
+
+    python docs/schedules/table.py > docs/schedules/table.txt
+"""
+import json
+import os
+import statistics
+
+FOLDERS = {"linear": ["docs/study"],
+           "cosine": ["docs/schedules/cosine", "docs/schedules/cosine-b"],
+           "quad": ["docs/schedules/quad", "docs/schedules/quad-b"]}
+VARIANTS = ("uniform", "ats-paper", "lsm")
+
+
+def crossing(curve, target):
+    """The first evaluation step at or below `target`, and the step found by interpolating the
+    curve linearly from the evaluation before it; (None, None) if the run never gets there."""
+    for before, point in zip([None] + curve, curve):
+        if point["nll"] <= target:
+            if before is None:
+                return point["step"], point["step"]
+            f = (before["nll"] - target) / (before["nll"] - point["nll"])
+            return point["step"], before["step"] + f * (point["step"] - before["step"])
+    return None, None
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main():
+    for schedule, folders in FOLDERS.items():
+        runs, made = {}, []
+        for folder in folders:
+            if not os.path.exists(os.path.join(folder, "results.json")):
+                print(f"({folder}: not there yet)")
+                continue
+            with open(os.path.join(folder, "results.json")) as f:
+                results = json.load(f)
+            made.append(f"  {folder}: code {results['provenance']['code']}, KID/FD feature net "
+                        f"{results['eval']['feature_net']}")
+            for run in results["runs"]:
+                if run["variant"] in VARIANTS:
+                    runs[run["variant"], run["seed"]] = {**run,
+                                                         "net": results["eval"]["feature_net"]}
+        uniform = [runs[k]["curve"][-1]["nll"] for k in sorted(runs) if k[0] == "uniform"]
+        target = statistics.mean(uniform) if uniform else None
+        print(f"\n## {schedule}: uniform's final mean over {len(uniform)} seeds "
+              + (f"{target:.4f}" if uniform else "(no uniform run)"))
+        print("\n".join(made))
+        for variant in VARIANTS:
+            seeds = sorted(s for v, s in runs if v == variant)
+            if not seeds:
+                print(f"{variant}: no runs")
+                continue
+            finals = [runs[variant, s]["curve"][-1]["nll"] for s in seeds]
+            mean, std = mean_std(finals)
+            print(f"{variant}: final NLL {mean:.3f} ± {std:.3f} over seeds "
+                  f"{', '.join(map(str, seeds))}")
+            for seed, final in zip(seeds, finals):
+                run = runs[variant, seed]
+                curve = " ".join(f"{p['nll']:.3f}" for p in run["curve"])
+                paired = runs.get(("uniform", seed))
+                vs = (f", {final - paired['curve'][-1]['nll']:+.3f} against uniform's seed "
+                      f"{seed}" if paired and variant != "uniform" else "")
+                grid, interpolated = crossing(run["curve"], target) if uniform else (None, None)
+                if variant == "uniform":
+                    reach = ""
+                elif grid:
+                    reach = (f"; reaches uniform's final mean at step {grid} (interpolated "
+                             f"{interpolated:.0f})")
+                else:
+                    reach = "; does not reach uniform's final mean"
+                if grid and paired and variant != "uniform" and paired["net"] == run["net"]:
+                    seconds = next(p["cpu_seconds"] for p in run["curve"] if p["step"] == grid)
+                    reach += (f", after {seconds / paired['curve'][-1]['cpu_seconds']:.2f} of "
+                              f"uniform's seed {seed} training seconds (same machine)")
+                quarters = ("; quarters " + " ".join(f"{q:.2f}" for q in run["quarters"])
+                            if run.get("quarters") else "")
+                print(f"  seed {seed}: {curve}{vs}{reach}{quarters}")
+
+
+if __name__ == "__main__":
+    main()
