@@ -12,6 +12,10 @@ from the repository root:
 import json
 import os
 import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bench import mean_std  # noqa: E402
 
 FOLDERS = {"linear": ["docs/study"],
            "cosine": ["docs/schedules/cosine", "docs/schedules/cosine-b"],
@@ -31,8 +35,23 @@ def crossing(curve, target):
     return None, None
 
 
-def mean_std(values):
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def against_uniform(run, paired, target):
+    """A run's final NLL minus uniform's same seed, where it reaches uniform's final mean
+    `target`, and its training seconds there over that uniform run's when both ran on one
+    machine."""
+    out = (f", {run['curve'][-1]['nll'] - paired['curve'][-1]['nll']:+.3f} against uniform's "
+           f"seed {run['seed']}" if paired else "")
+    if target is None:
+        return out
+    grid, interpolated = crossing(run["curve"], target)
+    if not grid:
+        return out + "; does not reach uniform's final mean"
+    out += f"; reaches uniform's final mean at step {grid} (interpolated {interpolated:.0f})"
+    if paired and paired["net"] == run["net"]:
+        seconds = next(p["cpu_seconds"] for p in run["curve"] if p["step"] == grid)
+        out += (f", after {seconds / paired['curve'][-1]['cpu_seconds']:.2f} of uniform's seed "
+                f"{run['seed']} training seconds (same machine)")
+    return out
 
 
 def main():
@@ -64,27 +83,14 @@ def main():
             mean, std = mean_std(finals)
             print(f"{variant}: final NLL {mean:.3f} ± {std:.3f} over seeds "
                   f"{', '.join(map(str, seeds))}")
-            for seed, final in zip(seeds, finals):
+            for seed in seeds:
                 run = runs[variant, seed]
-                curve = " ".join(f"{p['nll']:.3f}" for p in run["curve"])
-                paired = runs.get(("uniform", seed))
-                vs = (f", {final - paired['curve'][-1]['nll']:+.3f} against uniform's seed "
-                      f"{seed}" if paired and variant != "uniform" else "")
-                grid, interpolated = crossing(run["curve"], target) if uniform else (None, None)
-                if variant == "uniform":
-                    reach = ""
-                elif grid:
-                    reach = (f"; reaches uniform's final mean at step {grid} (interpolated "
-                             f"{interpolated:.0f})")
-                else:
-                    reach = "; does not reach uniform's final mean"
-                if grid and paired and variant != "uniform" and paired["net"] == run["net"]:
-                    seconds = next(p["cpu_seconds"] for p in run["curve"] if p["step"] == grid)
-                    reach += (f", after {seconds / paired['curve'][-1]['cpu_seconds']:.2f} of "
-                              f"uniform's seed {seed} training seconds (same machine)")
-                quarters = ("; quarters " + " ".join(f"{q:.2f}" for q in run["quarters"])
-                            if run.get("quarters") else "")
-                print(f"  seed {seed}: {curve}{vs}{reach}{quarters}")
+                line = f"  seed {seed}: " + " ".join(f"{p['nll']:.3f}" for p in run["curve"])
+                if variant != "uniform":
+                    line += against_uniform(run, runs.get(("uniform", seed)), target)
+                if run.get("quarters"):
+                    line += "; quarters " + " ".join(f"{q:.2f}" for q in run["quarters"])
+                print(line)
 
 
 if __name__ == "__main__":
