@@ -14,6 +14,7 @@ what train.py trains. Training time counts training steps only, never evaluation
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ats
+import heuristics
 import pictures
 import train
 
@@ -483,7 +485,61 @@ class RandomInitSampler(ats.AdaptiveTimestepSampler):
             self.policy[-1].weight.normal_(0, 1e-3)
 
 
-# Named variants: train.Config overrides, plus `sampler_cls` for an ATS subclass.
+class FreezeSampler(ats.AdaptiveTimestepSampler):
+    """ATS for its first `freeze_after` updates, then a fixed table with no more probes: the
+    batch-mean policy on the images of the update that froze it. K = 100 updates (step 2,000 at
+    f_S = 20): in 10 of the 12 finished 500-update runs with an update record, no later update
+    moved the policy by more than 0.1 nats (docs/results.md)."""
+
+    freeze_after = 100
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.table = None
+
+    def sample(self, x0, generator=None):
+        if self.table is None:
+            return super().sample(x0, generator)
+        return torch.multinomial(self.table.to(x0.device), x0.shape[0], replacement=True,
+                                 generator=generator)
+
+    @contextlib.contextmanager
+    def around_update(self, x0, t, losses=None):
+        if self.table is not None:
+            self.step += 1
+            yield {}
+            return
+        with super().around_update(x0, t, losses) as stats:
+            yield stats
+        if self.updates == self.freeze_after:
+            self.table = self.probs(x0.float()).mean(0).double().cpu()
+
+    def state_dict(self):
+        return {**super().state_dict(), "table": self.table}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.table = state["table"]
+
+
+def fixed_u(cfg, runs):
+    """p(t) proportional to 1 / (u (1 - u)), u = (t + 0.5) / T: the U that a Beta(a, b) policy
+    takes at its parameters' floor, a = b = 1e-5."""
+    u = (torch.arange(cfg.T, dtype=torch.float64) + 0.5) / cfg.T
+    return 1 / (u * (1 - u))
+
+
+def ats_final(cfg, runs):
+    """The final batch-mean policy of this study's ats-paper run with the same seed."""
+    run = next((r for r in runs if r["variant"] == "ats-paper" and r["seed"] == cfg.seed), None)
+    if run is None or not run["final_p"]:
+        raise SystemExit(f"error: ats-frozen seed {cfg.seed} needs the ats-paper run of seed "
+                         f"{cfg.seed} in the same study first: list ats-paper before ats-frozen")
+    return torch.tensor(run["final_p"], dtype=torch.float64)
+
+
+# Named variants: train.Config overrides, plus `sampler_cls` for an ATS subclass or `table`, a
+# function (config, the study's runs so far) -> a fixed table of timestep probabilities [T].
 VARIANTS = {
     "uniform": {"sampler": "uniform"},
     "ats-paper": {"sampler": "ats"},
@@ -504,6 +560,10 @@ VARIANTS = {
     "ctl-no-last": {"sampler": "ats", "sampler_cls": WithoutLastSampler},
     "ctl-reward-x1e4": {"sampler": "ats", "sampler_cls": reward_scaled(1e4)},
     "ctl-reward-x1e-4": {"sampler": "ats", "sampler_cls": reward_scaled(1e-4)},
+    # is the gain adaptive? fixed tables, and ATS frozen after its first updates
+    "fixed-u": {"sampler": "uniform", "table": fixed_u},
+    "ats-frozen": {"sampler": "uniform", "table": ats_final},
+    "ats-freeze": {"sampler": "ats", "sampler_cls": FreezeSampler},
 }
 DEFAULT_VARIANTS = "uniform,ats-paper,ats-placebo,lognormal"
 ALL_VARIANTS = "uniform,ats-paper,ats-placebo,min-snr,lognormal,p2,speed,lsm,ats-min-snr"
@@ -543,13 +603,15 @@ def eval_steps(steps, n_evals):
     return sorted({round(steps * (i + 1) / n_evals) for i in range(n_evals)})
 
 
-def train_run(cfg, sampler_cls, train_x, evaluate, evals, device, name):
+def train_run(cfg, sampler_cls, train_x, evaluate, evals, device, name, table=None, weights=None):
     """One run, evaluated at the steps in `evals`, with a progress line at each evaluation. Data
     order, initial weights and training noise depend on cfg.seed only, not on the variant. Returns
     the run's record and, for ATS, the policy's history for the heatmap. Training time is counted
     both as the process's CPU seconds (robust to other processes sharing the machine) and as
     wall-clock seconds."""
     trainer = build(cfg, device, sampler_cls=sampler_cls)
+    if table is not None:
+        trainer.sampler = heuristics.TableSampler(table)
     data = batches(train_x, cfg.batch_size, seeded(cfg.seed))
     log, curve, cpu, wall, updates = pictures.SamplerLog(cfg.heatmap_height), [], 0.0, 0.0, []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -563,6 +625,10 @@ def train_run(cfg, sampler_cls, train_x, evaluate, evals, device, name):
         if trainer.step in evals:
             curve.append({"step": trainer.step, "cpu_seconds": cpu, "wall_seconds": wall,
                           **evaluate(trainer)})
+            if weights:  # the EMA weights, for sample metrics scored afterwards
+                os.makedirs(weights, exist_ok=True)
+                torch.save(trainer.ema.state_dict(),
+                           os.path.join(weights, f"{name}_seed{cfg.seed}_step{trainer.step}.pt"))
             print(f"  {name:14s} seed {cfg.seed}: step {trainer.step}/{evals[-1]}  NLL "
                   f"{curve[-1]['nll']:.3f} bpd  train {cpu:.0f} CPU s, {wall:.0f} s wall",
                   flush=True)
@@ -612,7 +678,7 @@ def converge(args, device):
     variants = parse_variants(args.variants, args.variant)
     base = {**DIGITS, **({"update_every": 20} if args.long else {}), **parse_overrides(args.set)}
     configs = {name: make_config(args.preset, {**base, **{k: v for k, v in over.items()
-                                                           if k != "sampler_cls"}})
+                                                           if k not in ("sampler_cls", "table")}})
                for name, over in variants.items()}
     path = os.path.join(args.out, "results.json")
     if os.path.exists(path) and not args.resume:
@@ -646,8 +712,9 @@ def converge(args, device):
                 continue
             cfg = dataclasses.replace(configs[name], seed=seed)
             sampler_cls = over.get("sampler_cls", ats.AdaptiveTimestepSampler)
+            table = over["table"](cfg, results["runs"]) if "table" in over else None
             record, history = train_run(cfg, sampler_cls, train_x, evaluate, results["evals"],
-                                        device, name)
+                                        device, name, table, os.path.join(args.out, "weights"))
             results["runs"].append({"variant": name, "seed": seed, **record})
             last = record["curve"][-1]
             print(f"  {name:14s} seed {seed}: NLL {last['nll']:.3f} bpd  "
