@@ -2,14 +2,16 @@
 
 Kim, Ki, Shim, Lee, "Adaptive Non-uniform Timestep Sampling for Accelerating Diffusion Model
 Training", CVPR 2025, arXiv:2411.09998 ("ATS Eq. N" below). DDPM is Ho, Jain, Abbeel,
-arXiv:2006.11239 ("DDPM Eq. N"). The file reads top to bottom, in the paper's order:
+arXiv:2006.11239 ("DDPM Eq. N"). The file reads top to bottom in the paper's order, the bound
+and then the method (the block another codebase copies), then what trains a DDPM with them:
 
-    1. schedule and diffusion math   GaussianDiffusion: losses, VLB terms, NLL, DDPM/DDIM sampling
-    2. U-Net                         UNet: the DDPM architecture, any size and channel count
-    3. timestep samplers             the sampler API, rank helpers, UniformSampler
-    4. the adaptive sampler          AdaptiveTimestepSampler: the method (copy this one)
-    5. training                      Trainer: Adam + warmup, clipping, EMA, AMP, DDP
-    6. checkpoints                   save_checkpoint, load_checkpoint, load_model
+    1. the DDPM bound      GaussianDiffusion: any betas, eps/v/x0, its loss and VLB terms
+    2. the ATS sampler     AdaptiveTimestepSampler and the few collectives it needs
+    3. the sampler API     what every timestep sampler offers the training loop; UniformSampler
+    4. schedules, sampling make_betas, the NLL bound, DDPM and DDIM sampling
+    5. U-Net               the DDPM architecture, any size and channel count
+    6. training            Trainer: Adam + warmup, clipping, EMA, AMP, DDP
+    7. checkpoints         save_checkpoint, load_checkpoint, load_model
 
 The heuristics ATS is compared with (Min-SNR, P2, log-normal, SpeeD, loss-second-moment) live in
 heuristics.py. Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
@@ -19,28 +21,24 @@ import contextlib
 import copy
 import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# >>> ATS: copy from here. --------------------------------------------------------------------
+# The block to copy into another codebase: the VLB of any DDPM, one term per timestep (section 1),
+# and the adaptive sampler (section 2). It needs only these imports:
+#     import contextlib, math, warnings
+#     import torch
+#     import torch.distributed as dist
+#     import torch.nn as nn
+#     import torch.nn.functional as F
 # -------------------------------------------------------------------------------------------------
-# 1. Schedule and diffusion math
+# 1. The DDPM bound, one term per timestep (DDPM Eq. 5), for any betas and prediction type
 # -------------------------------------------------------------------------------------------------
-
-
-def make_betas(schedule: str, T: int) -> torch.Tensor:
-    """beta_1..beta_T in float64: 'linear' (DDPM), 'quad' (released ATS CIFAR-10) or 'cosine'."""
-    if schedule == "linear":
-        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    if schedule == "quad":
-        return torch.linspace(1e-4**0.5, 0.02**0.5, T, dtype=torch.float64) ** 2
-    if schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008
-        s, steps = 0.008, torch.arange(T + 1, dtype=torch.float64)
-        f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown schedule {schedule!r}: use 'linear', 'quad' or 'cosine'")
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -61,6 +59,485 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
                        torch.where(x > 0.999, log_one_minus_cdf_min, mid))
 
 
+def mean_flat(x):
+    """Mean over every dimension but the batch: [B, ...] -> [B]."""
+    return x.flatten(1).mean(1)
+
+
+class GaussianDiffusion(nn.Module):
+    """A DDPM's forward process, training loss and VLB terms, for any betas in (0, 1).
+
+    The coefficients are computed in float64 from the betas, kept as float32 buffers.
+    `prediction`, the model's output at (x_t, t): 'eps', 'v' = sqrt(abar) eps - sqrt(1 - abar) x0
+    (arXiv:2202.00512) or 'x0'; the VLB sees the model only through x0_hat, so the three forms of
+    one model share it. `var_type`, the reverse variance the model samples with: 'large' = beta_t
+    (diffusers' fixed_large) or 'small' = the posterior's beta-tilde_t (diffusers' fixed_small,
+    lucidrains'); both take beta-tilde_1 at t = 0, where L_0 needs a finite variance. Keyword
+    arguments of the methods (y=labels, say) go to the model.
+    """
+
+    def __init__(self, betas, *, prediction="eps", var_type="large"):
+        super().__init__()
+        if prediction not in ("eps", "v", "x0") or var_type not in ("large", "small"):
+            raise ValueError(f"prediction must be 'eps', 'v' or 'x0' and var_type 'large' or "
+                             f"'small', got {prediction!r} and {var_type!r}")
+        betas = torch.as_tensor(betas).detach().to("cpu", torch.float64)
+        if betas.dim() != 1 or len(betas) < 2 or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError("betas must be one value in (0, 1) per timestep, at least two")
+        self.T, self.prediction = len(betas), prediction
+        self.config = dict(betas=betas, prediction=prediction, var_type=var_type)
+        alphas = 1 - betas
+        abar = torch.cumprod(alphas, 0)                                  # abar_t
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        var_post = betas * (1 - abar_prev) / (1 - abar)                  # DDPM Eq. 7, beta-tilde
+        logvar_post = torch.log(torch.cat([var_post[1:2], var_post[1:]]))  # clipped at t = 0
+        large = torch.log(torch.cat([var_post[1:2], betas[1:]]))
+        for name, value in {
+            "abar": abar, "sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
+            "post_c1": betas * abar_prev.sqrt() / (1 - abar),            # DDPM Eq. 7, x0 coef
+            "post_c2": alphas.sqrt() * (1 - abar_prev) / (1 - abar),     # DDPM Eq. 7, x_t coef
+            "logvar_post": logvar_post,
+            "model_logvar": large if var_type == "large" else logvar_post,
+        }.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        if not (all(b.isfinite().all() for b in self.buffers()) and self.sqrt_abar.min() > 0):
+            raise ValueError("these betas make abar_t round to 1 or vanish in float32, which "
+                             "leaves no usable VLB")
+
+    @classmethod
+    def from_diffusers(cls, scheduler):
+        """A diffusers DDPMScheduler's (or DDIMScheduler's) betas, prediction and variance."""
+        kind, var = scheduler.config["prediction_type"], scheduler.config.get("variance_type")
+        kinds, variances = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}, {
+            None: "small", "fixed_small": "small", "fixed_small_log": "small",
+            "fixed_large": "large", "fixed_large_log": "large"}
+        if kind not in kinds or var not in variances:
+            raise ValueError(f"prediction_type {kind!r} with variance_type {var!r}: no fixed-"
+                             "variance VLB here (a learned variance needs its own vlb_fn)")
+        return cls(scheduler.betas, prediction=kinds[kind], var_type=variances[var])
+
+    @staticmethod
+    def _at(buf, t, x):
+        """buf[t] shaped to broadcast against x: [B] -> [B, 1, 1, 1]."""
+        return buf[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)."""
+        return self._at(self.sqrt_abar, t, x0) * x0 + self._at(self.sqrt_1m_abar, t, x0) * noise
+
+    def target(self, x0, t, noise):
+        """What the model learns to output: eps, v or x0."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "v":
+            return self._at(self.sqrt_abar, t, x0) * noise - self._at(self.sqrt_1m_abar, t, x0) * x0
+        return x0
+
+    def loss(self, model, x0, t, noise=None, generator=None, **model_kwargs):
+        """L_simple per sample, the MSE against the target (DDPM Eq. 14): [B]."""
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        out = model(self.q_sample(x0, t, noise), t, **model_kwargs)
+        return mean_flat((self.target(x0, t, noise) - out) ** 2)
+
+    def predict_x0(self, model, xt, t, **model_kwargs):
+        """x0_hat from the model's output, by the exact identities of its prediction type."""
+        out = model(xt, t, **model_kwargs).float()
+        a, s = self._at(self.sqrt_abar, t, xt), self._at(self.sqrt_1m_abar, t, xt)
+        if self.prediction == "eps":
+            return (xt - s * out) / a
+        if self.prediction == "v":
+            return a * xt - s * out
+        return out
+
+    def p_mean(self, model, xt, t, clip=False, **model_kwargs):
+        """Mean of p_theta(x_{t-1} | x_t) (DDPM Eq. 7 with x0_hat for x0), and x0_hat."""
+        x0_hat = self.predict_x0(model, xt, t, **model_kwargs)
+        if clip:
+            x0_hat = x0_hat.clamp(-1, 1)
+        mean = self._at(self.post_c1, t, xt) * x0_hat + self._at(self.post_c2, t, xt) * xt
+        return mean, x0_hat
+
+    def vlb_terms(self, model, x0, t, noise, **model_kwargs):
+        """L_t per sample in bits/dim, x_t drawn with `noise` (DDPM Eq. 5): [B]. For t >= 1,
+        KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)); for t = 0, -log p_theta(x0 | x_1)."""
+        xt = self.q_sample(x0, t, noise)
+        mean_post = self._at(self.post_c1, t, x0) * x0 + self._at(self.post_c2, t, x0) * xt
+        mean, _ = self.p_mean(model, xt, t, **model_kwargs)
+        logvar = self._at(self.model_logvar, t, x0)
+        kl = mean_flat(normal_kl(mean_post, self._at(self.logvar_post, t, x0), mean, logvar))
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar))
+        return torch.where(t == 0, nll, kl) / math.log(2)
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. The adaptive sampler (ATS Sec. 4)
+# -------------------------------------------------------------------------------------------------
+
+
+class AdaptiveTimestepSampler:
+    """The ATS policy pi_phi(t | x0), trained online with REINFORCE (ATS Sec. 4, Eq. 11-14).
+
+    `sample(x0)` draws t_i ~ pi(. | x0_i). On every f_S-th optimizer step `around_update` wraps
+    the model's update:
+      1. probe: L_t(x*) of one image x* at the swept t = 0, k, 2k, ... (k = sweep_stride; 1 sweeps
+         all T) and L_s(x0_i) of every image at each s in S: fixed noise, dropout off, fp32;
+      2. the model's optimizer step (the with-block);
+      3. the same probe again: delta = before - after, for the sweep and the B x |S| rewards D;
+      4. queue the sweep's delta with y = sum_t delta_t, the last Q (queue_size) kept;
+      5. S = the |S| swept timesteps whose delta_t best predicts y over the queue (Eq. 14);
+      6. reward r_i = sum_{s in S} D_is (Eq. 12);
+      7. a REINFORCE step on the policy, the entropy inside the reward (Eq. 13).
+    Defaults are the released CIFAR-10 settings.
+
+    vlb_fn(x0, t, noise) -> float [n] on x0's device: each row's L_t in bits/dim, with x_t drawn
+    from `noise`, deterministic (no fresh noise, no dropout). It runs under no_grad, autocast off,
+    `model` (if given) in eval mode, on at most probe_batch rows. With `cond` (a tensor or a dict
+    of tensors, batch first) given to around_update, vlb_fn(x0, t, noise, cond) gets the rows of
+    it that line up with its x0. A model that enters autocast in its own forward (accelerate's
+    `prepare`) must be unwrapped inside vlb_fn.
+    """
+
+    def __init__(self, T, vlb_fn, in_channels=3, *, model=None, update_every=40, num_selected=3,
+                 queue_size=20, policy_lr=1e-2, entropy_coef=1e-2, policy_grad_clip=1.0,
+                 probe_batch=256, sweep_stride=1, seed=0, device=None):
+        counts = dict(T=T, update_every=update_every, queue_size=queue_size,
+                      probe_batch=probe_batch, sweep_stride=sweep_stride)
+        for name, value in counts.items():
+            low = {"T": 2, "queue_size": 3}.get(name, 1)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
+        self.probed = torch.arange(0, T, sweep_stride)                 # t = 0, k, 2k, ...
+        if not (sweep_stride < T and 1 <= num_selected <= len(self.probed)):
+            raise ValueError(f"sweep_stride must be below T={T} and num_selected (|S|) in [1, "
+                             f"{len(self.probed)}]; got {sweep_stride} and {num_selected}")
+        if not (0 < policy_lr <= 1 and 0 < policy_grad_clip < math.inf
+                and 0 <= entropy_coef < math.inf):
+            raise ValueError(f"policy_lr must be in (0, 1], policy_grad_clip > 0, entropy_coef "
+                             f">= 0; got {policy_lr}, {policy_grad_clip}, {entropy_coef}")
+        self.T, self.vlb_fn, self.model, self.num_selected = T, vlb_fn, model, num_selected
+        self.update_every, self.queue_size, self.probe_batch = update_every, queue_size, probe_batch
+        self.sweep_stride, self.policy_lr, self.entropy_coef = sweep_stride, policy_lr, entropy_coef
+        self.policy_grad_clip = policy_grad_clip
+        self.policy = self.policy_net(in_channels).to(device)
+        for p in self.policy.parameters():  # every rank starts from rank 0's policy;
+            broadcast(p.data)               # all-reduced gradients keep it so
+        self.opt = torch.optim.Adam(self.policy.parameters(), lr=policy_lr)
+        u = (torch.arange(T, dtype=torch.float64) + 0.5) / T           # bin centres u_t
+        self.log_u, self.log_1mu = u.log().float().to(device), (-u).log1p().float().to(device)
+        self.noise_gen = torch.Generator().manual_seed(seed)           # the probes' noise
+        self.step = self.updates = 0                                   # optimizer steps, updates
+        self.S = self.probed[:num_selected].clone()                    # selected timesteps
+        self.queue_x = torch.zeros(0, len(self.probed), dtype=torch.float64)  # sweep deltas
+        self.queue_y = torch.zeros(0, dtype=torch.float64)             # their sums
+
+    @staticmethod
+    def policy_net(in_ch, width=256):
+        """x0 -> two raw numbers for (a, b): three conv/ReLU/max-pool layers, a 4x4 adaptive pool
+        (so any image size works), an MLP. Starts at softplus + 1e-5 = 1: exactly uniform."""
+        layers, c = [], in_ch
+        for c_out in (32, 64, 128):
+            layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            c = c_out
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                            nn.Linear(c * 16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                            nn.Linear(width, 2))
+        nn.init.zeros_(net[-1].weight)
+        nn.init.constant_(net[-1].bias, math.log(math.expm1(1 - 1e-5)))
+        return net
+
+    def log_probs(self, x0):
+        """log pi(t | x0) for every t: [B, T] (ATS Eq. 11, discretised)."""
+        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)             # (B,), (B,): a, b > 0
+        return self.log_probs_from_ab(a, b)
+
+    def log_probs_from_ab(self, a, b):
+        """Beta(a, b)'s log-density at the bin centres u_t, exactly normalised over t by
+        log_softmax (the Beta's normaliser cancels): [B, T], finite for any (a, b)."""
+        logits = (a - 1)[:, None] * self.log_u + (b - 1)[:, None] * self.log_1mu  # (B, T)
+        return F.log_softmax(logits, dim=1)
+
+    @torch.no_grad()
+    def probs(self, x0):
+        """pi(t | x0): [B, T], in fp32 whatever the autocast."""
+        with torch.autocast(x0.device.type, enabled=False):
+            return self.log_probs(x0.float()).exp()
+
+    def sample(self, x0, generator=None):
+        """t_i ~ pi(. | x0_i) for every image, without gradients: LongTensor[B]."""
+        return torch.multinomial(self.probs(x0), 1, generator=generator).squeeze(1)
+
+    def weights(self, t):
+        """No importance weights: the paper folds the VLB weight into the sampler (Sec. 4)."""
+        return torch.ones(t.shape, device=t.device)
+
+    @contextlib.contextmanager
+    def around_update(self, x0, t, losses=None, cond=None):
+        """Wrap one optimizer step; on every f_S-th, steps 1-7 above. The yielded dict then gets
+        the batch-mean pi 'p' (T,), 'S', the rewards' mean and RMS, the mean 'entropy', and the
+        batch-mean KL of pi from uniform ('kl_uniform') and from pi before ('kl_step')."""
+        due, stats = self.step % self.update_every == 0, {}
+        self.step += 1
+        if not due:
+            yield stats
+            return
+        x0 = x0.detach().float()
+        x_star = broadcast(x0[:1].clone())                             # one image, rank 0's
+        cond_star = rows(cond, lambda c: broadcast(c[:1].clone()))
+        sweep_noise = torch.randn((len(self.probed), *x0.shape[1:]), generator=self.noise_gen)
+        reward_noise = torch.randn((len(x0), self.num_selected, *x0.shape[1:]),
+                                   generator=self.noise_gen)
+        S = self.S.clone()                                             # the S of this update
+        probe = lambda: self._probe(x_star, cond_star, sweep_noise, x0, cond, S, reward_noise)
+        sweep_before, rewards_before = probe()
+        yield stats                                                    # the model's update
+        sweep_after, rewards_after = probe()
+        delta = sweep_before - sweep_after                             # (T/k,)
+        D = rewards_before - rewards_after                             # (B, |S|)
+        if not all_ranks_finite(delta, D):
+            warnings.warn("ATS: vlb_fn gave inf or NaN, so a sampler update was skipped and the "
+                          "policy stays as it was: check vlb_fn and the model's loss", stacklevel=3)
+        elif delta.any():  # else the step changed nothing (a warm-up from lr 0): skip it
+            self._push_queue(delta)
+            stats.update(self._learn(x0, t, D.sum(1)), S=S.tolist())   # r_i = sum_s D_is
+
+    @torch.no_grad()
+    def _probe(self, x_star, cond_star, sweep_noise, x0, cond, S, reward_noise):
+        """L_t(x*) at the swept t and L_s(x0_i) for s in S: (T/k,), (B, |S|)."""
+        no_dropout = evaluating(self.model) if self.model is not None else contextlib.nullcontext()
+        with no_dropout, torch.autocast(x0.device.type, enabled=False):
+            sweep = self.sweep(x_star, sweep_noise, cond_star)
+            k = len(S)
+            rewards = self._chunked(x0.repeat_interleave(k, 0), S.to(x0.device).repeat(len(x0)),
+                                    reward_noise.flatten(0, 1).to(x0.device),
+                                    rows(cond, lambda c: c.repeat_interleave(k, 0)))
+        return sweep, rewards.view(len(x0), k)
+
+    @torch.no_grad()
+    def sweep(self, x_star, noise, cond=None):
+        """L_t(x*) at the swept t, noise[i] for the i-th: (T/k,). Each rank computes a slice."""
+        rank, size = rank_and_size()
+        mine = torch.arange(len(self.probed)).tensor_split(size)[rank]
+        device, n = x_star.device, len(mine)
+        full = torch.zeros(len(self.probed), device=device)
+        full[mine.to(device)] = self._chunked(
+            x_star.expand(n, *x_star.shape[1:]), self.probed[mine].to(device),
+            noise[mine].to(device), rows(cond, lambda c: c.expand(n, *c.shape[1:])))
+        return all_reduce(full).double().cpu()
+
+    def _chunked(self, x, t, noise, cond=None):
+        """vlb_fn on chunks of at most probe_batch rows, each result checked: [n]."""
+        out, n = [], self.probe_batch
+        for i in range(0, len(x), n):
+            args = [x[i:i + n], t[i:i + n], noise[i:i + n]]
+            if cond is not None:
+                args.append(rows(cond, lambda c, i=i: c[i:i + n]))
+            v = self.vlb_fn(*args)
+            if not (torch.is_tensor(v) and v.is_floating_point() and v.device == x.device
+                    and v.shape == args[1].shape):
+                got = f"{v.dtype} {list(v.shape)} on {v.device}" if torch.is_tensor(v) else type(v)
+                raise ValueError(f"vlb_fn must return a float tensor of shape [{len(args[1])}] on "
+                                 f"{x.device}, each row's L_t in bits/dim; it returned {got}")
+            out.append(v.float())
+        return torch.cat(out)
+
+    def _push_queue(self, delta):
+        """FIFO of (delta, y = sum_t delta_t), then S re-selected by F-score (ATS Eq. 14)."""
+        self.queue_x = torch.cat([self.queue_x, delta[None]])[-self.queue_size:]
+        self.queue_y = torch.cat([self.queue_y, delta.sum()[None]])[-self.queue_size:]
+        if len(self.queue_y) >= 3:
+            scores = self.f_scores(self.queue_x, self.queue_y)
+            self.S = self.probed[scores.topk(self.num_selected).indices].sort().values
+
+    @staticmethod
+    def f_scores(X, y):
+        """Univariate F-statistic of y on each column of X (sklearn's f_regression): [T].
+        F_t = r_t^2 / (1 - r_t^2) (n - 2), r_t the Pearson correlation; a constant column: 0."""
+        Xc, yc = X - X.mean(0), y - y.mean()
+        denom = Xc.norm(dim=0) * yc.norm()
+        r = torch.where(denom > 0, (Xc * yc[:, None]).sum(0) / denom.clamp(min=1e-300),
+                        torch.zeros_like(denom))
+        r2 = (r**2).clamp(max=1 - 1e-12)
+        return r2 / (1 - r2) * (len(y) - 2)
+
+    def _learn(self, x0, t, reward):
+        """One REINFORCE step on the policy (ATS Eq. 13); returns where the policy stood and, by
+        one more forward, how far the step moved it."""
+        size = rank_and_size()[1]
+        with torch.autocast(x0.device.type, enabled=False):
+            logp = self.log_probs(x0)                                  # (B, T), with grad
+            loss = self.policy_loss(logp, t, reward.detach())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in self.policy.parameters():                         # the mean over ranks
+                p.grad = all_reduce(p.grad) / size
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
+            self.opt.step()
+            self.updates += 1
+            with torch.no_grad():
+                logp, logp_new = logp.detach(), self.log_probs(x0)
+        p, weights = logp.exp(), sum(w.detach().sum() for w in self.policy.parameters())
+        kl = (logp_new.exp() * (logp_new - logp)).sum(1).mean()
+        numbers = torch.stack([reward.mean(), reward.pow(2).mean(), -(p * logp).sum(1).mean(),
+                               kl])
+        mean_reward, mean_square, entropy, kl = (all_reduce(numbers) / size).tolist()
+        if not weights.isfinite():  # any inf or NaN weight makes the sum so
+            raise FloatingPointError("the policy's weights became inf or NaN (policy_lr too high?)")
+        return {"p": p.mean(0).cpu(), "reward": mean_reward, "reward_rms": math.sqrt(mean_square),
+                "entropy": entropy, "kl_uniform": math.log(self.T) - entropy, "kl_step": kl}
+
+    def policy_loss(self, logp, t, reward):
+        """-mean_i[ log(T pi(t_i)) (r_i + c_ent (H_i - log T)) ] (ATS Eq. 13, discretised).
+
+        log(T pi(t)) and H - log T = -KL(pi || uniform) are the discrete counterparts of the
+        continuous Beta's log-density and differential entropy: both are 0 at uniform. The entropy
+        is deliberately not detached; near uniform it then acts only at third order, so the
+        reward, not the entropy, moves the policy.
+        """
+        log_ratio = logp + math.log(self.T)                  # log(T pi(t)): (B, T), 0 at uniform
+        neg_kl = -(logp.exp() * log_ratio).sum(1)            # H_i - log T: (B,), not detached
+        chosen = log_ratio.gather(1, t[:, None]).squeeze(1)  # log(T pi(t_i)): (B,)
+        return -(chosen * (reward + self.entropy_coef * neg_kl)).mean()
+
+    def state_dict(self):
+        return {"T": self.T, "sweep_stride": self.sweep_stride, "policy": self.policy.state_dict(),
+                "opt": self.opt.state_dict(), "step": self.step, "updates": self.updates,
+                "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
+                "noise_gen": self.noise_gen.get_state()}
+
+    def load_state_dict(self, state):
+        """Restore a state_dict, checked before anything changes; every tensor is copied, and
+        the policy_lr given now wins over the saved one."""
+        mine, shapes = self.state_dict(), lambda sd: {k: v.shape for k, v in sd.items()}
+        missing = sorted(set(mine) - set(state))
+        fits = not missing and (state["T"], state["sweep_stride"]) == (self.T, self.sweep_stride)
+        fits = fits and shapes(state["policy"]) == shapes(mine["policy"])
+        fits = fits and len(state["S"]) == self.num_selected and all(torch.isin(state["S"],
+                                                                                self.probed))
+        fits = fits and state["queue_x"].shape[1:] == self.queue_x.shape[1:]
+        if not (fits and len(state["queue_x"]) == len(state["queue_y"]) <= self.queue_size):
+            raise ValueError(f"this sampler state does not fit a sampler with T={self.T}, "
+                             f"sweep_stride={self.sweep_stride}, num_selected={self.num_selected} "
+                             f"and queue_size={self.queue_size}"
+                             + (f": it lacks {missing}" if missing else ""))
+        self.policy.load_state_dict(state["policy"])
+        self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:
+            group["lr"] = self.policy_lr
+        for moments in self.opt.state.values():  # Adam may keep the given tensors themselves
+            for key, value in moments.items():
+                moments[key] = value.clone() if torch.is_tensor(value) else value
+        self.step, self.updates, self.S = state["step"], state["updates"], state["S"].clone()
+        self.queue_x, self.queue_y = state["queue_x"].clone(), state["queue_y"].clone()
+        self.noise_gen.set_state(state["noise_gen"])
+
+
+def rank_and_size():
+    """(this process's rank, the number of processes); (0, 1) without a process group. The
+    sampler's collectives below do nothing without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast(x):
+    """x as rank 0 has it, in place on every rank."""
+    if rank_and_size()[1] > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def all_reduce(x):
+    """The sum of x over all ranks, in place on every rank."""
+    if rank_and_size()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_ranks_finite(*tensors):
+    """Whether every value of the tensors is finite on every rank (one sync)."""
+    return all_reduce(sum((~x.isfinite()).sum() for x in tensors).float()).item() == 0
+
+
+def rows(cond, pick):
+    """pick(c) for conditioning c, a tensor or each tensor of a dict; None stays None."""
+    if cond is None:
+        return None
+    return {k: pick(v) for k, v in cond.items()} if isinstance(cond, dict) else pick(cond)
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+# <<< ATS: copy to here. ----------------------------------------------------------------------
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Timestep samplers. All have the same API, so the training loop never asks which it holds:
+#      t = sampler.sample(x0)                          # LongTensor[B]
+#      loss = (sampler.weights(t) * losses).mean()     # importance weights: ones unless stated
+#      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() and the EMA update
+#          optimizer.step()
+# -------------------------------------------------------------------------------------------------
+
+
+class TimestepSampler:
+    """The API with its defaults: no importance weights, nothing around the update, no state."""
+
+    def __init__(self, T: int):
+        self.T = T
+
+    def weights(self, t):
+        return torch.ones(t.shape, device=t.device)
+
+    @contextlib.contextmanager
+    def around_update(self, x0, t, losses=None):
+        yield {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class UniformSampler(TimestepSampler):
+    """t ~ U{0, ..., T-1}: the standard DDPM choice."""
+
+    def probs(self):
+        return torch.full((self.T,), 1 / self.T, dtype=torch.float64)
+
+    def sample(self, x0, generator=None):
+        return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Schedules, sampling and the NLL bound
+# -------------------------------------------------------------------------------------------------
+
+
+def make_betas(schedule: str, T: int) -> torch.Tensor:
+    """beta_1..beta_T in float64: 'linear' (DDPM), 'quad' (released ATS CIFAR-10) or 'cosine'."""
+    if not 2 <= T <= 100_000:  # DDPM uses 1000; ATS sweeps all T at every sampler update
+        raise ValueError(f"T must be in [2, 100000], got {T}")
+    if schedule == "linear":
+        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    if schedule == "quad":
+        return torch.linspace(1e-4**0.5, 0.02**0.5, T, dtype=torch.float64) ** 2
+    if schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008
+        s, steps = 0.008, torch.arange(T + 1, dtype=torch.float64)
+        f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown schedule {schedule!r}: use 'linear', 'quad' or 'cosine'")
+
+
 def randn(shape, generator=None, device=None):
     """N(0, I) noise of `shape`. `generator` may be a list of one generator per image (row), so
     that an image's noise does not depend on the batch it is drawn in."""
@@ -74,192 +551,73 @@ def image_generators(seed, indices):
     return [torch.Generator().manual_seed(hash((seed, i))) for i in indices]
 
 
-def mean_flat(x):
-    """Mean over every dimension but the batch: [B, ...] -> [B]."""
-    return x.flatten(1).mean(1)
+def prior_bpd(diffusion, x0):
+    """KL(q(x_T | x0) || N(0, I)) per sample, in bits/dim: [B]. Near 0 for a good schedule."""
+    t = torch.full((x0.shape[0],), diffusion.T - 1, device=x0.device, dtype=torch.long)
+    mean = diffusion._at(diffusion.sqrt_abar, t, x0) * x0
+    logvar = diffusion._at(diffusion.abar, t, x0).neg().log1p()
+    zero = torch.zeros_like(mean)
+    return mean_flat(normal_kl(mean, logvar, zero, zero)) / math.log(2)
 
 
-class GaussianDiffusion(nn.Module):
-    """The DDPM forward process, its losses and its samplers, for any betas and prediction type.
+@torch.no_grad()
+def nll_bpd(diffusion, model, x0, batch_size=256, generator=None):
+    """The NLL bound sum_t L_t + prior per image, in bits/dim: [B]. B*T forwards, in chunks."""
+    B, T = x0.shape[0], diffusion.T
+    img = torch.arange(B, device=x0.device).repeat_interleave(T)          # (B*T,)
+    ts = torch.arange(T, device=x0.device).repeat(B)                      # (B*T,)
+    total = prior_bpd(diffusion, x0)
+    for i, t in zip(img.split(batch_size), ts.split(batch_size)):
+        noise = torch.randn((len(i), *x0.shape[1:]), generator=generator).to(x0.device)
+        total = total.index_add(0, i, diffusion.vlb_terms(model, x0[i], t, noise))
+    return total
 
-    The betas come from a schedule name or are given (`betas=`, any T values in (0, 1), such as a
-    diffusers scheduler's `betas`). Every coefficient is computed from them in float64 and
-    registered as a float32 buffer, so `.to(device)` moves them with the model.
 
-    `prediction` says what the model outputs at (x_t, t): 'eps' (the noise, DDPM), 'v'
-    (sqrt(abar) eps - sqrt(1 - abar) x0; Salimans & Ho 2022, arXiv:2202.00512) or 'x0'. Every VLB
-    term and sampler goes through x0_hat, so one model written in any of the three forms gives the
-    same VLB; `loss` is the MSE against the prediction's own target.
+@torch.no_grad()
+def ddpm_sample(diffusion, model, shape, generator=None, progress=None):
+    """Ancestral sampling over all T steps (DDPM Algorithm 2), in [-1, 1].
+    `generator` as in randn."""
+    device = diffusion.abar.device
+    x = randn(shape, generator, device)
+    for i in reversed(range(diffusion.T)):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        mean, _ = diffusion.p_mean(model, x, t, clip=True)
+        z = randn(shape, generator, device) if i > 0 else torch.zeros_like(x)
+        x = mean + (0.5 * diffusion._at(diffusion.model_logvar, t, x)).exp() * z
+        if progress is not None:
+            progress(diffusion.T - i, diffusion.T)
+    return x.clamp(-1, 1)
 
-    `var_type` is the fixed reverse variance: 'large' = beta_t, as diffusers' 'fixed_large';
-    'small' = the posterior's beta-tilde_t, as diffusers' 'fixed_small'. Both use beta-tilde_1 at
-    t = 0, where the posterior's variance is 0. diffusers' 'fixed_small' clamps it to 1e-20 there
-    instead, and 'fixed_large' uses beta_0: neither gives a usable decoder term L_0, so build a
-    foreign model's VLB here from its betas. Every random draw takes an optional `generator`.
-    """
 
-    def __init__(self, *, T: int | None = None, schedule: str = "linear", betas=None,
-                 var_type: str = "large", prediction: str = "eps"):
-        super().__init__()
-        if var_type not in ("large", "small"):
-            raise ValueError(f"unknown var_type {var_type!r}: use 'large' or 'small'")
-        if prediction not in ("eps", "v", "x0"):
-            raise ValueError(f"unknown prediction {prediction!r}: use 'eps', 'v' or 'x0'")
-        if betas is None:
-            T = 1000 if T is None else T
-            if not 2 <= T <= 100_000:  # DDPM uses 1000; ATS sweeps all T at every sampler update
-                raise ValueError(f"T must be in [2, 100000], got {T}")
-            betas = make_betas(schedule, T)
-            self.config = dict(T=T, schedule=schedule, var_type=var_type, prediction=prediction)
-        else:
-            betas = torch.as_tensor(betas).detach().to("cpu", torch.float64)
-            if betas.dim() != 1 or not 2 <= len(betas) <= 100_000 or T not in (None, len(betas)):
-                raise ValueError(f"betas must be one value per timestep, 2 to 100000 of them (and "
-                                 f"T, if given, their number); got shape {tuple(betas.shape)}")
-            if not ((betas > 0) & (betas < 1)).all():
-                raise ValueError("every beta must lie in (0, 1)")
-            self.config = dict(betas=betas, var_type=var_type, prediction=prediction)
-        self.T, self.prediction = len(betas), prediction   # config rebuilds it: (**config)
-        alphas = 1 - betas
-        abar = torch.cumprod(alphas, 0)                                  # abar_t
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        var_post = betas * (1 - abar_prev) / (1 - abar)                  # DDPM Eq. 7, beta-tilde
-        logvar_post = torch.log(torch.cat([var_post[1:2], var_post[1:]]))  # clipped at t = 0
-        if var_type == "large":
-            model_logvar = torch.log(torch.cat([var_post[1:2], betas[1:]]))
-        else:
-            model_logvar = logvar_post
-        buffers = {
-            "betas": betas, "abar": abar, "abar_prev": abar_prev,
-            "sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
-            "post_c1": betas * abar_prev.sqrt() / (1 - abar),            # DDPM Eq. 7, x0 coef
-            "post_c2": alphas.sqrt() * (1 - abar_prev) / (1 - abar),     # DDPM Eq. 7, x_t coef
-            "logvar_post": logvar_post, "model_logvar": model_logvar,
-        }
-        for name, value in buffers.items():
-            self.register_buffer(name, value.float(), persistent=False)
+def ddim_timesteps(T, steps):
+    """The `steps` evenly spaced timesteps DDIM visits, as a list; checks that steps fits T."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be in [1, T={T}], got {steps}")
+    return torch.linspace(0, T - 1, steps).round().long().tolist()
 
-    @staticmethod
-    def _at(buf, t, x):
-        """buf[t] shaped to broadcast against x: [B] -> [B, 1, 1, 1]."""
-        return buf[t].view(-1, *([1] * (x.dim() - 1)))
 
-    def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)."""
-        return self._at(self.sqrt_abar, t, x0) * x0 + self._at(self.sqrt_1m_abar, t, x0) * noise
-
-    def target(self, x0, t, noise):
-        """What the model is trained to output: eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
-        or x0."""
-        if self.prediction == "eps":
-            return noise
-        if self.prediction == "v":
-            return self._at(self.sqrt_abar, t, x0) * noise - self._at(self.sqrt_1m_abar, t, x0) * x0
-        return x0
-
-    def loss(self, model, x0, t, noise=None, generator=None):
-        """L_simple per sample: the squared error of the model's output against its target,
-        averaged over pixels (DDPM Eq. 14 for eps). Returns [B]."""
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return mean_flat((self.target(x0, t, noise) - model(self.q_sample(x0, t, noise), t)) ** 2)
-
-    def predict_x0(self, model, xt, t):
-        """x0_hat from the model's output, by the exact identities of its prediction type."""
-        out = model(xt, t).float()
-        a, s = self._at(self.sqrt_abar, t, xt), self._at(self.sqrt_1m_abar, t, xt)
-        if self.prediction == "eps":
-            return (xt - s * out) / a
-        if self.prediction == "v":
-            return a * xt - s * out
-        return out
-
-    def p_mean(self, model, xt, t, clip=False):
-        """Mean of p_theta(x_{t-1} | x_t), and the predicted x0 (DDPM Eq. 7 with x0_hat)."""
-        x0_hat = self.predict_x0(model, xt, t)
-        if clip:
-            x0_hat = x0_hat.clamp(-1, 1)
-        mean = self._at(self.post_c1, t, xt) * x0_hat + self._at(self.post_c2, t, xt) * xt
-        return mean, x0_hat
-
-    def vlb_terms(self, model, x0, t, noise):
-        """The VLB term L_t per sample, in bits/dim: [B] (DDPM Eq. 5).
-
-        KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)) for t >= 1, and the discretised-Gaussian
-        decoder NLL -log p_theta(x0 | x_1) for t = 0. `noise` fixes the draw of x_t.
-        """
-        xt = self.q_sample(x0, t, noise)
-        mean_post = self._at(self.post_c1, t, x0) * x0 + self._at(self.post_c2, t, x0) * xt
-        mean_model, _ = self.p_mean(model, xt, t)
-        logvar_model = self._at(self.model_logvar, t, x0)
-        logvar_post = self._at(self.logvar_post, t, x0)
-        kl = mean_flat(normal_kl(mean_post, logvar_post, mean_model, logvar_model))
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean_model, 0.5 * logvar_model))
-        return torch.where(t == 0, nll, kl) / math.log(2)
-
-    def prior_bpd(self, x0):
-        """KL(q(x_T | x0) || N(0, I)) per sample, in bits/dim: [B]. Near 0 for a good schedule."""
-        t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
-        mean = self._at(self.sqrt_abar, t, x0) * x0
-        logvar = self._at(self.abar, t, x0).neg().log1p()
-        zero = torch.zeros_like(mean)
-        return mean_flat(normal_kl(mean, logvar, zero, zero)) / math.log(2)
-
-    @torch.no_grad()
-    def nll_bpd(self, model, x0, batch_size=256, generator=None):
-        """The NLL bound sum_t L_t + prior per image, in bits/dim: [B]. B*T forwards, in chunks."""
-        B = x0.shape[0]
-        img = torch.arange(B, device=x0.device).repeat_interleave(self.T)    # (B*T,)
-        ts = torch.arange(self.T, device=x0.device).repeat(B)                 # (B*T,)
-        total = self.prior_bpd(x0)
-        for i, t in zip(img.split(batch_size), ts.split(batch_size)):
-            noise = torch.randn((len(i), *x0.shape[1:]), generator=generator).to(x0.device)
-            total = total.index_add(0, i, self.vlb_terms(model, x0[i], t, noise))
-        return total
-
-    @torch.no_grad()
-    def ddpm_sample(self, model, shape, generator=None, progress=None):
-        """Ancestral sampling over all T steps (DDPM Algorithm 2), in [-1, 1].
-        `generator` as in randn."""
-        device = self.betas.device
-        x = randn(shape, generator, device)
-        for i in reversed(range(self.T)):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            mean, _ = self.p_mean(model, x, t, clip=True)
-            z = randn(shape, generator, device) if i > 0 else torch.zeros_like(x)
-            x = mean + (0.5 * self._at(self.model_logvar, t, x)).exp() * z
-            if progress is not None:
-                progress(self.T - i, self.T)
-        return x.clamp(-1, 1)
-
-    def ddim_timesteps(self, steps):
-        """The `steps` evenly spaced timesteps DDIM visits, as a list; checks that steps fits T."""
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"DDIM steps must be in [1, T={self.T}], got {steps}")
-        return torch.linspace(0, self.T - 1, steps).round().long().tolist()
-
-    @torch.no_grad()
-    def ddim_sample(self, model, shape, steps=50, eta=0.0, generator=None, progress=None):
-        """DDIM sampling (Song et al. 2021, Eq. 12) on `steps` timesteps, in [-1, 1]."""
-        device = self.betas.device
-        seq = self.ddim_timesteps(steps)
-        x = randn(shape, generator, device)
-        for n, (i, j) in enumerate(zip(reversed(seq), [*reversed(seq[:-1]), -1]), start=1):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            a, a_prev = self.abar[i], (self.abar[j] if j >= 0 else self.abar.new_tensor(1.0))
-            _, x0_hat = self.p_mean(model, x, t, clip=True)
-            eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-            x = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-            if eta > 0 and j >= 0:
-                x = x + sigma * randn(shape, generator, device)
-            if progress is not None:
-                progress(n, steps)
-        return x.clamp(-1, 1)
+@torch.no_grad()
+def ddim_sample(diffusion, model, shape, steps=50, eta=0.0, generator=None, progress=None):
+    """DDIM sampling (Song et al. 2021, Eq. 12) on `steps` timesteps, in [-1, 1]."""
+    abar, device = diffusion.abar, diffusion.abar.device
+    seq = ddim_timesteps(diffusion.T, steps)
+    x = randn(shape, generator, device)
+    for n, (i, j) in enumerate(zip(reversed(seq), [*reversed(seq[:-1]), -1]), start=1):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        a, a_prev = abar[i], (abar[j] if j >= 0 else abar.new_tensor(1.0))
+        _, x0_hat = diffusion.p_mean(model, x, t, clip=True)
+        eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and j >= 0:
+            x = x + sigma * randn(shape, generator, device)
+        if progress is not None:
+            progress(n, steps)
+    return x.clamp(-1, 1)
 
 
 # -------------------------------------------------------------------------------------------------
-# 2. U-Net (the DDPM architecture: Ho et al. 2020, Appendix B)
+# 5. U-Net (the DDPM architecture: Ho et al. 2020, Appendix B)
 # -------------------------------------------------------------------------------------------------
 
 
@@ -436,382 +794,7 @@ class UNet(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Timestep samplers. All have the same API, so the training loop never asks which it holds:
-#      t = sampler.sample(x0)                          # LongTensor[B]
-#      loss = (sampler.weights(t) * losses).mean()     # importance weights: ones unless stated
-#      with sampler.around_update(x0, t, losses):      # wraps optimizer.step() and the EMA update
-#          optimizer.step()
-# -------------------------------------------------------------------------------------------------
-
-
-class TimestepSampler:
-    """The API with its defaults: no importance weights, nothing around the update, no state."""
-
-    def __init__(self, T: int):
-        self.T = T
-
-    def weights(self, t):
-        return torch.ones(t.shape, device=t.device)
-
-    @contextlib.contextmanager
-    def around_update(self, x0, t, losses=None):
-        yield {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class UniformSampler(TimestepSampler):
-    """t ~ U{0, ..., T-1}: the standard DDPM choice."""
-
-    def probs(self):
-        return torch.full((self.T,), 1 / self.T, dtype=torch.float64)
-
-    def sample(self, x0, generator=None):
-        return torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)
-
-
-# >>> ATS: copy from here. --------------------------------------------------------------------
-# 4. The adaptive sampler (ATS Sec. 4), self-contained: from this line to "ATS: copy to here" it
-#    needs only these imports and a vlb_fn (GaussianDiffusion.vlb_terms is one):
-#        import contextlib, math
-#        import torch
-#        import torch.distributed as dist
-#        import torch.nn as nn
-#        import torch.nn.functional as F
-#    Under torchrun it talks only through the rank helpers below, which do nothing without a
-#    process group; `evaluating` switches dropout off for the probes.
-# -------------------------------------------------------------------------------------------------
-
-
-def world():
-    """(rank, world size); (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def broadcast(x):
-    """x as rank 0 has it, in place on every rank."""
-    if world()[1] > 1:
-        dist.broadcast(x, src=0)
-    return x
-
-
-def all_reduce(x, op="sum"):
-    """The sum (or 'max') of x over all ranks, in place on every rank."""
-    if world()[1] > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return x
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """The model in eval mode for the block, then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-class AdaptiveTimestepSampler:
-    """The ATS policy pi_phi(t | x0), trained online with REINFORCE (ATS Sec. 4, Eq. 11-14).
-
-    The policy maps x0 to (a, b) > 0 and puts an exactly normalised, discretised Beta(a, b) on
-    the T timesteps. Every `update_every` (f_S) optimizer steps it measures how much the model
-    update at the sampled t lowered the VLB terms of `num_selected` (|S|) timesteps S (the reward,
-    ATS Eq. 12), picks S with a univariate F-test over a queue of `queue_size` (Q) sweeps of one
-    image over the timesteps 0, k, 2k, ... (k = `sweep_stride`; 1, the paper's, sweeps all T; the
-    surrogate of ATS Eq. 14), and takes a REINFORCE step (ATS Eq. 13) with the entropy inside the
-    reward. Defaults are the released CIFAR-10 settings.
-
-    The contract of vlb_fn(x0, t, noise) -> float [B]: the VLB term L_t of each image, in bits
-    per dimension (the defaults are tuned to that unit):
-      - for t >= 1, KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)), with x_t built from noise;
-      - for t = 0, the decoder's NLL -log p_theta(x0 | x_1), DDPM's discretised Gaussian, with a
-        finite variance (GaussianDiffusion clips it to beta-tilde_1);
-      - deterministic given its arguments: no fresh noise and no dropout inside, so that no model
-        update means exactly zero reward.
-    It is called under torch.no_grad(), with autocast off, in chunks of at most `probe_batch`
-    rows: x0 is float32 [n, C, H, W], t a LongTensor [n] and noise x0-shaped N(0, I), all on x0's
-    device. `model`, if given, is put in eval mode during the probes.
-
-    Enter `around_update` once per optimizer step, not per micro-batch: under gradient
-    accumulation, only around the micro-step that steps. `seed` seeds the probe's noise and must
-    be the same on every rank. Options off by default (the released behaviour):
-    `policy_warmup` ramps the policy's learning rate linearly over its first updates, `max_kl`
-    caps the batch-mean KL(new || old) of one policy update (by halving the step), and
-    `reward_norm` divides each update's rewards by their root mean square.
-    """
-
-    def __init__(self, T, vlb_fn, in_channels=3, *, model=None, update_every=40, num_selected=3,
-                 queue_size=20, policy_lr=1e-2, entropy_coef=1e-2, policy_grad_clip=1.0,
-                 probe_batch=256, sweep_stride=1, policy_warmup=0, max_kl=0.0, reward_norm=False,
-                 seed=0, device=None):
-        if not 1 <= sweep_stride < T:
-            raise ValueError(f"sweep_stride must be in [1, T={T}), got {sweep_stride}")
-        probed = torch.arange(0, T, sweep_stride)                      # t = 0, k, 2k, ...
-        if not 1 <= num_selected <= len(probed):
-            raise ValueError(f"num_selected (|S|) must be in [1, {len(probed)}], the number of "
-                             f"swept timesteps, got {num_selected}")
-        if update_every < 1 or queue_size < 3 or probe_batch < 1 or policy_warmup < 0:
-            raise ValueError("update_every (f_S) and probe_batch must be at least 1, queue_size "
-                             f"(Q) at least 3, policy_warmup at least 0; got {update_every}, "
-                             f"{probe_batch}, {queue_size}, {policy_warmup}")
-        if not (0 < policy_lr <= 1 and math.isfinite(policy_grad_clip) and policy_grad_clip > 0):
-            raise ValueError(f"policy_lr must be in (0, 1] and policy_grad_clip finite and "
-                             f"positive, got {policy_lr}, {policy_grad_clip}")
-        if not (math.isfinite(entropy_coef) and entropy_coef >= 0):
-            raise ValueError(f"entropy_coef must be finite and >= 0, got {entropy_coef}")
-        if not (math.isfinite(max_kl) and max_kl >= 0):
-            raise ValueError(f"max_kl must be finite and >= 0 (0: no limit), got {max_kl}")
-        self.T, self.vlb_fn, self.model, self.num_selected = T, vlb_fn, model, num_selected
-        self.update_every, self.queue_size, self.probe_batch = update_every, queue_size, probe_batch
-        self.policy_lr, self.entropy_coef = policy_lr, entropy_coef
-        self.policy_grad_clip, self.sweep_stride = policy_grad_clip, sweep_stride
-        self.probed = probed
-        self.policy_warmup, self.max_kl, self.reward_norm = policy_warmup, max_kl, reward_norm
-        self.policy = self.policy_net(in_channels).to(device)
-        for p in self.policy.parameters():  # every rank starts from rank 0's policy;
-            broadcast(p.data)               # all-reduced gradients keep it so
-        self.opt = torch.optim.Adam(self.policy.parameters(), lr=policy_lr)
-        u = (torch.arange(T, dtype=torch.float64) + 0.5) / T           # bin centres u_t
-        self.log_u, self.log_1mu = u.log().float().to(device), (-u).log1p().float().to(device)
-        self.noise_gen = torch.Generator().manual_seed(seed)
-        self.step = 0                                                  # optimizer steps seen
-        self.updates = 0                                               # policy updates taken
-        self.S = probed[:num_selected].clone()                         # selected timesteps
-        self.queue_x = torch.zeros(0, len(probed), dtype=torch.float64)  # sweep deltas (n, T/k)
-        self.queue_y = torch.zeros(0, dtype=torch.float64)             # their sums (n,)
-
-    @staticmethod
-    def policy_net(in_ch, width=256):
-        """x0 -> two raw numbers for (a, b): three conv/ReLU/max-pool layers, a 4x4 adaptive pool
-        (so any image size works), an MLP. Starts at softplus + 1e-5 = 1: exactly uniform."""
-        layers, c = [], in_ch
-        for c_out in (32, 64, 128):
-            layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(),
-                       nn.MaxPool2d(2, ceil_mode=True)]
-            c = c_out
-        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                            nn.Linear(c * 16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                            nn.Linear(width, 2))
-        nn.init.zeros_(net[-1].weight)
-        nn.init.constant_(net[-1].bias, math.log(math.expm1(1 - 1e-5)))
-        return net
-
-    # -- the policy: exact discrete probabilities (ATS Eq. 11, discretised) --
-
-    def log_probs(self, x0):
-        """log pi(t | x0) for every t: [B, T], exactly normalised, finite for any (a, b)."""
-        a, b = (F.softplus(self.policy(x0)) + 1e-5).unbind(1)             # (B,), (B,): a, b > 0
-        return self.log_probs_from_ab(a, b)
-
-    def log_probs_from_ab(self, a, b):
-        """log_softmax over t of Beta(a, b).log_prob(u_t) at the bin centres u_t = (t + 0.5) / T.
-        The Beta's normaliser cancels, leaving (a - 1) log u_t + (b - 1) log(1 - u_t): [B, T]."""
-        logits = (a - 1)[:, None] * self.log_u + (b - 1)[:, None] * self.log_1mu  # (B, T)
-        return F.log_softmax(logits, dim=1)
-
-    @torch.no_grad()
-    def probs(self, x0):
-        """pi(t | x0): [B, T], in fp32 whatever the autocast."""
-        with torch.autocast(x0.device.type, enabled=False):
-            return self.log_probs(x0.float()).exp()
-
-    def sample(self, x0, generator=None):
-        """Draw t_i ~ pi(. | x0_i) for every image, without gradients: LongTensor[B]."""
-        return torch.multinomial(self.probs(x0), 1, generator=generator).squeeze(1)
-
-    def weights(self, t):
-        """No importance weights: the paper folds the VLB weight c_t into the sampler (Sec. 4)."""
-        return torch.ones(t.shape, device=t.device)
-
-    # -- the sampler update around the model's optimizer step (ATS Eq. 12-14), in call order --
-
-    @contextlib.contextmanager
-    def around_update(self, x0, t, losses=None):
-        """Wrap the model update. Every f_S-th optimizer step: probe, update, probe, learn. The
-        yielded dict is then filled with the update's batch-mean pi(t) 'p' (T,), 'S', the rewards'
-        mean and root mean square ('reward', 'reward_rms'), the mean 'entropy', the batch-mean KL
-        of pi from uniform ('kl_uniform') and from itself before this update ('kl_step')."""
-        due = self.step % self.update_every == 0
-        self.step += 1
-        stats = {}
-        if not due:
-            yield stats
-            return
-        x0 = x0.detach().float()
-        x_star = broadcast(x0[:1].clone())                             # every rank sweeps one image
-        sweep_noise = torch.randn((len(self.probed), *x0.shape[1:]), generator=self.noise_gen)
-        reward_noise = torch.randn((x0.shape[0], self.num_selected, *x0.shape[1:]),
-                                   generator=self.noise_gen)
-        S = self.S.clone()
-        before = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        yield stats                                                    # the model update
-        after = self._probe(x_star, sweep_noise, x0, S, reward_noise)
-        delta_sweep, D = before[0] - after[0], before[1] - after[1]    # (T/k,), (B, |S|)
-        finite = float(delta_sweep.isfinite().all() and D.isfinite().all())
-        if all_reduce(torch.tensor(finite, device=D.device)).item() < world()[1]:
-            return  # a diverged model on some rank: the sampler stays as it was
-        self._push_queue(delta_sweep)
-        # r_i = sum_{s in S} D[i, s]: the released code's sum, whose hyperparameters we use
-        stats.update(self._learn(x0, t, D.sum(1)), S=S.tolist())
-
-    @torch.no_grad()
-    def _probe(self, x_star, sweep_noise, x0, S, reward_noise):
-        """L_t(x*) for the swept t and L_s(x0_i) for s in S: (T/k,), (B, |S|). With fixed noise
-        per (image, t), in eval mode and in fp32, so that no update means exactly zero reward."""
-        no_dropout = evaluating(self.model) if self.model is not None else contextlib.nullcontext()
-        with no_dropout, torch.autocast(x0.device.type, enabled=False):
-            sweep = self.sweep(x_star, sweep_noise)
-            B, k = x0.shape[0], len(S)
-            x = x0.repeat_interleave(k, dim=0)                         # (B*k, C, H, W)
-            s = S.to(x0.device).repeat(B)                              # (B*k,)
-            noise = reward_noise.flatten(0, 1).to(x0.device)           # (B*k, C, H, W)
-            reward = self._chunked(x, s, noise).view(B, k)
-        return sweep, reward
-
-    @torch.no_grad()
-    def sweep(self, x_star, noise):
-        """L_t(x*) at the swept timesteps 0, k, 2k, ... with noise[i] for the i-th: (T/k,). Each
-        rank computes a slice; a sum joins them."""
-        rank, size = world()
-        mine = torch.arange(len(self.probed)).tensor_split(size)[rank]  # this rank's share
-        t = self.probed[mine].to(x_star.device)
-        full = torch.zeros(len(self.probed), device=x_star.device)
-        full[mine.to(x_star.device)] = self._chunked(x_star.expand(len(t), *x_star.shape[1:]), t,
-                                                     noise[mine].to(x_star.device))
-        return all_reduce(full).double().cpu()
-
-    def _chunked(self, x, t, noise):
-        """vlb_fn over chunks of probe_batch forwards, to bound memory."""
-        chunks = zip(x.split(self.probe_batch), t.split(self.probe_batch),
-                     noise.split(self.probe_batch))
-        return torch.cat([self.vlb_fn(xc, tc, nc).float() for xc, tc, nc in chunks])
-
-    def _push_queue(self, delta):
-        """FIFO of (delta_sweep, y = sum_t delta_t), then re-select S by F-score (ATS Eq. 14)."""
-        self.queue_x = torch.cat([self.queue_x, delta[None]])[-self.queue_size:]
-        self.queue_y = torch.cat([self.queue_y, delta.sum()[None]])[-self.queue_size:]
-        if len(self.queue_y) >= 3:
-            scores = self.f_scores(self.queue_x, self.queue_y)
-            self.S = self.probed[scores.topk(self.num_selected).indices].sort().values
-
-    @staticmethod
-    def f_scores(X, y):
-        """Univariate F-statistic of y on each column of X (sklearn's f_regression): [T].
-
-        F_t = r_t^2 / (1 - r_t^2) (n - 2), r_t the Pearson correlation; a constant column scores 0.
-        """
-        Xc, yc = X - X.mean(0), y - y.mean()
-        denom = Xc.norm(dim=0) * yc.norm()
-        r = torch.where(denom > 0, (Xc * yc[:, None]).sum(0) / denom.clamp(min=1e-300),
-                        torch.zeros_like(denom))
-        r2 = (r**2).clamp(max=1 - 1e-12)
-        return r2 / (1 - r2) * (len(y) - 2)
-
-    def _learn(self, x0, t, reward):
-        """One REINFORCE step on the policy (ATS Eq. 13); returns where the policy stood and how
-        far the step moved it."""
-        size = world()[1]
-        rms = (all_reduce(reward.pow(2).mean()) / size).sqrt().item()  # the rewards' scale
-        mean_reward = reward.mean().item()
-        if self.reward_norm and rms > 0:
-            reward = reward / rms
-        if self.policy_warmup:  # the learning rate ramps up over the first policy_warmup updates
-            for group in self.opt.param_groups:
-                group["lr"] = self.policy_lr * min(1.0, (self.updates + 1) / self.policy_warmup)
-        with torch.autocast(x0.device.type, enabled=False):
-            logp = self.log_probs(x0)                                  # (B, T), with grad
-        loss = self.policy_loss(logp, t, reward.detach())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in self.policy.parameters():                             # the mean over ranks
-            p.grad = all_reduce(p.grad) / size
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.policy_grad_clip)
-        before = [p.detach().clone() for p in self.policy.parameters()] if self.max_kl else None
-        self.opt.step()
-        self.updates += 1
-        logp = logp.detach()
-        kl = self._kl_from(logp, x0)
-        if self.max_kl and kl > self.max_kl:
-            kl = self._shrink_step(before, logp, x0)
-        if not torch.stack([w.isfinite().all() for w in self.policy.parameters()]).all():
-            raise FloatingPointError("the policy's weights became inf or NaN (policy_lr too high?)")
-        p = logp.exp()                                                 # pi before the step: (B, T)
-        entropy = -(p * logp).sum(1).mean().item()
-        return {"p": p.mean(0).cpu(), "reward": mean_reward, "reward_rms": rms, "entropy": entropy,
-                "kl_uniform": math.log(self.T) - entropy, "kl_step": kl}
-
-    @torch.no_grad()
-    def _kl_from(self, logp_old, x0):
-        """Batch-mean KL(pi_now || pi_old) over x0, averaged over ranks: a float."""
-        with torch.autocast(x0.device.type, enabled=False):
-            logp = self.log_probs(x0)
-        kl = (logp.exp() * (logp - logp_old)).sum(1).mean()
-        return (all_reduce(kl) / world()[1]).item()
-
-    @torch.no_grad()
-    def _shrink_step(self, before, logp_old, x0, halvings=10):
-        """Halve the policy's last step until its KL is within max_kl (undo it if 10 halvings do
-        not get there); returns the KL it kept."""
-        for _ in range(halvings):
-            for p, p0 in zip(self.policy.parameters(), before):
-                p.lerp_(p0, 0.5)
-            kl = self._kl_from(logp_old, x0)
-            if kl <= self.max_kl:
-                return kl
-        for p, p0 in zip(self.policy.parameters(), before):
-            p.copy_(p0)
-        return 0.0
-
-    def policy_loss(self, logp, t, reward):
-        """-mean_i[ log(T pi(t_i)) (r_i + c_ent (H_i - log T)) ] (ATS Eq. 13, discretised).
-
-        log(T pi(t)) and H - log T = -KL(pi || uniform) are the discrete counterparts of the
-        continuous Beta's log-density and differential entropy: both are 0 at uniform. The entropy
-        is deliberately not detached; near uniform it then acts only at third order, so the
-        reward, not the entropy, moves the policy.
-        """
-        log_ratio = logp + math.log(self.T)                  # log(T pi(t)): (B, T), 0 at uniform
-        neg_kl = -(logp.exp() * log_ratio).sum(1)            # H_i - log T: (B,), not detached
-        chosen = log_ratio.gather(1, t[:, None]).squeeze(1)  # log(T pi(t_i)): (B,)
-        return -(chosen * (reward + self.entropy_coef * neg_kl)).mean()
-
-    def state_dict(self):
-        return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
-                "step": self.step, "updates": self.updates, "sweep_stride": self.sweep_stride,
-                "S": self.S, "queue_x": self.queue_x, "queue_y": self.queue_y,
-                "noise_gen": self.noise_gen.get_state()}
-
-    def load_state_dict(self, state):
-        """Restore a state_dict, copying every tensor: two samplers never share one."""
-        if state.get("sweep_stride", 1) != self.sweep_stride:
-            raise ValueError(f"this sampler state was saved with sweep_stride "
-                             f"{state.get('sweep_stride', 1)}, not {self.sweep_stride}")
-        self.policy.load_state_dict(state["policy"])
-        self.opt.load_state_dict(state["opt"])
-        for group in self.opt.param_groups:  # the learning rate given now wins over the saved one
-            group["lr"] = self.policy_lr
-        for moments in self.opt.state.values():  # Adam may keep the given tensors themselves
-            for key, value in moments.items():
-                moments[key] = value.clone() if torch.is_tensor(value) else value
-        self.step = state["step"]
-        self.updates = state.get("updates", self.step // self.update_every)
-        self.S = state["S"].clone()
-        self.queue_x, self.queue_y = state["queue_x"].clone(), state["queue_y"].clone()
-        self.noise_gen.set_state(state["noise_gen"])
-# <<< ATS: copy to here. ----------------------------------------------------------------------
-
-
-# -------------------------------------------------------------------------------------------------
-# 5. Training: the step (DDPM Algorithm 1 with t from the sampler) and the loop
+# 6. Training: the step (DDPM Algorithm 1 with t from the sampler) and the loop
 # -------------------------------------------------------------------------------------------------
 
 
@@ -874,7 +857,7 @@ class Trainer:
         model.to(memory_format=self.layout)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()   # updated in place only
         self.net = model
-        rank, size = world()
+        rank, size = rank_and_size()
         if size > 1:
             ids = [self.device.index] if cuda else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -971,10 +954,10 @@ class Trainer:
 
 
 # -------------------------------------------------------------------------------------------------
-# 6. Checkpoints: plain dicts, written atomically, read with weights_only=True
+# 7. Checkpoints: plain dicts, written atomically, read with weights_only=True
 # -------------------------------------------------------------------------------------------------
 
-CKPT_FORMAT, CKPT_VERSION = "ats-checkpoint", 2
+CKPT_FORMAT, CKPT_VERSION = "ats-checkpoint", 3
 
 
 class CheckpointError(Exception):

@@ -422,9 +422,10 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, trainer):
         ema, diffusion, gen = trainer.ema, trainer.diffusion, seeded(0)  # the same draws each time
-        nll = diffusion.nll_bpd(ema, self.nll_x.to(trainer.device), batch_size=1000, generator=gen)
+        nll = ats.nll_bpd(diffusion, ema, self.nll_x.to(trainer.device), batch_size=1000,
+                          generator=gen)
         shape = (self.metric.n, *self.nll_x.shape[1:])
-        samples = diffusion.ddim_sample(ema, shape, steps=self.ddim_steps, generator=gen).cpu()
+        samples = ats.ddim_sample(diffusion, ema, shape, steps=self.ddim_steps, generator=gen).cpu()
         return {"nll": nll.mean().item(), **self.metric(samples)}
 
 
@@ -483,6 +484,49 @@ class RandomInitSampler(ats.AdaptiveTimestepSampler):
         super().__init__(*args, **kw)
         with torch.no_grad():
             self.policy[-1].weight.normal_(0, 1e-3)
+
+
+class WarmupSampler(ats.AdaptiveTimestepSampler):
+    """ATS whose policy learning rate ramps linearly over its first `warmup` updates."""
+
+    warmup = 10
+
+    def _learn(self, x0, t, reward):
+        for group in self.opt.param_groups:
+            group["lr"] = self.policy_lr * min(1.0, (self.updates + 1) / self.warmup)
+        return super()._learn(x0, t, reward)
+
+
+class MaxKLSampler(ats.AdaptiveTimestepSampler):
+    """ATS whose every policy step is halved (up to 10 times, else undone) until its batch-mean
+    KL(new || old) is at most `max_kl` nats."""
+
+    max_kl = 0.01
+
+    def _learn(self, x0, t, reward):
+        before = [p.detach().clone() for p in self.policy.parameters()]
+        with torch.no_grad():
+            logp_old = self.log_probs(x0)
+        stats = super()._learn(x0, t, reward)
+        kl = stats["kl_step"]
+        for halving in range(11):
+            if kl <= self.max_kl:
+                break
+            with torch.no_grad():
+                for p, p0 in zip(self.policy.parameters(), before):
+                    p.lerp_(p0, 0.5 if halving < 10 else 1.0)     # the 11th pass undoes the step
+                logp = self.log_probs(x0)
+            kl = (ats.all_reduce((logp.exp() * (logp - logp_old)).sum(1).mean())
+                  / ats.rank_and_size()[1]).item()
+        return {**stats, "kl_step": kl}
+
+
+class RewardNormSampler(ats.AdaptiveTimestepSampler):
+    """ATS whose rewards are divided by their root mean square (over ranks) at every update."""
+
+    def _learn(self, x0, t, reward):
+        rms = (ats.all_reduce(reward.pow(2).mean()) / ats.rank_and_size()[1]).sqrt()
+        return super()._learn(x0, t, reward / rms if rms > 0 else reward)
 
 
 class FreezeSampler(ats.AdaptiveTimestepSampler):
@@ -555,7 +599,9 @@ VARIANTS = {
     "ats-stride50": {"sampler": "ats", "sweep_stride": 50},
     "ats-stride10-f10": {"sampler": "ats", "sweep_stride": 10, "update_every": 10},
     # controls for the causes of the policy's early swings
-    "ctl-warmup10": {"sampler": "ats", "policy_warmup": 10},
+    "ctl-warmup10": {"sampler": "ats", "sampler_cls": WarmupSampler},
+    "ats-max-kl": {"sampler": "ats", "sampler_cls": MaxKLSampler},
+    "ats-reward-norm": {"sampler": "ats", "sampler_cls": RewardNormSampler},
     "ctl-random-init": {"sampler": "ats", "sampler_cls": RandomInitSampler},
     "ctl-no-last": {"sampler": "ats", "sampler_cls": WithoutLastSampler},
     "ctl-reward-x1e4": {"sampler": "ats", "sampler_cls": reward_scaled(1e4)},

@@ -45,6 +45,11 @@ def one_thread():
 # -------------------------------------------------------------------------------------------------
 
 
+def ddpm(T, schedule="linear", **kw):
+    """GaussianDiffusion of a named schedule with T steps."""
+    return ats.GaussianDiffusion(ats.make_betas(schedule, T), **kw)
+
+
 def tiny_unet(in_ch=1, dropout=0.0, image_size=8):
     return ats.UNet(in_ch=in_ch, ch=16, ch_mult=(1, 2), num_res=1, attn_res=(4,), dropout=dropout,
                     image_size=image_size)
@@ -105,6 +110,14 @@ def ats_sampler(T, model, diffusion, **kw):
     return ats.AdaptiveTimestepSampler(T, vlb, in_channels=1, model=model, **kw)
 
 
+@torch.no_grad()
+def nudge(model, seed=0, scale=1e-3):
+    """A stand-in for an optimizer step: every weight moved by a little seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g))
+
+
 def set_ab(sampler, a, b):
     """Make the policy give (a, b) for every image: zero last-layer weights, bias = softplus^-1."""
     last = sampler.policy[-1]
@@ -117,7 +130,7 @@ def set_ab(sampler, a, b):
 def make_trainer(sampler="ats", seed=0, T=50, **kw):
     torch.manual_seed(seed)
     model = tiny_unet()
-    d = ats.GaussianDiffusion(T=T)
+    d = ddpm(T)
     s = ats_sampler(T, model, d, update_every=3, seed=seed) if sampler == "ats" else \
         ats.UniformSampler(T)
     return ats.Trainer(model, d, s, lr=2e-3, warmup=5, ema_decay=0.9, seed=seed, **kw)
@@ -257,3 +270,40 @@ def wait_for(path, seconds=120):
     while not path.exists() and time.time() < deadline:
         time.sleep(0.2)
     assert path.exists(), f"{path} never appeared"
+
+
+# -------------------------------------------------------------------------------------------------
+# The README's copy block and the snippets that run on it
+# -------------------------------------------------------------------------------------------------
+
+COPY_FROM, COPY_TO = "# >>> ATS: copy from here.", "# <<< ATS: copy to here."
+
+
+def copied_block():
+    """ats.py from the copy-from marker to the copy-to marker, as a reader would paste it."""
+    text = open(os.path.join(HERE, "ats.py")).read()
+    assert text.count(COPY_FROM) == 1 and text.count(COPY_TO) == 1
+    return text[text.index(COPY_FROM):text.index(COPY_TO)]
+
+
+def readme_snippets():
+    """The python blocks of the README's "ATS in your codebase", in order."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme[readme.index("## ATS in your codebase"):]
+    section = section[:section.index("\n## ", 1)]
+    assert COPY_FROM in section and COPY_TO in section
+    return [part.split("```")[0] for part in section.split("```python")[1:]]
+
+
+def copied():
+    """The block, executed with exactly the imports its first lines list, and nothing else."""
+    block = copied_block()
+    header = block[:block.index("# 1.")]
+    imports = [line.lstrip("# ").strip() for line in header.splitlines()
+               if line.lstrip("# ").startswith("import ")]
+    assert imports == ["import contextlib, math, warnings", "import torch",
+                       "import torch.distributed as dist", "import torch.nn as nn",
+                       "import torch.nn.functional as F"]
+    scope = {}
+    exec("\n".join(imports) + "\n" + block, scope)
+    return scope

@@ -131,7 +131,7 @@ class LossSecondMomentSampler(TableSampler):
 
     @contextlib.contextmanager
     def around_update(self, x0, t, losses=None):
-        rank, size = ats.world()
+        rank, size = ats.rank_and_size()
         gathered = torch.zeros(size, 2, len(t), dtype=torch.float64, device=t.device)
         gathered[rank] = torch.stack([t.double(), losses.double()])      # this rank's (t, loss)
         ts, ls = ats.all_reduce(gathered).transpose(0, 1).flatten(1).cpu()  # every rank's, in order

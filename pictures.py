@@ -58,7 +58,7 @@ def save_grid(cfg, trainer, path):
     """EMA samples by DDIM, from the same noise every time so that grids compare across steps."""
     shape = (cfg.sample_n, cfg.channels, cfg.image_size, cfg.image_size)
     with ats.autocast(trainer.device, cfg.amp):
-        x = trainer.diffusion.ddim_sample(trainer.ema, shape, steps=cfg.sample_steps,
+        x = ats.ddim_sample(trainer.diffusion, trainer.ema, shape, steps=cfg.sample_steps,
                                           generator=torch.Generator().manual_seed(cfg.seed))
     torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(cfg.sample_n)))
 
@@ -74,7 +74,7 @@ def fid_samples(cfg, trainer, rank, world):
     for start in range(0, len(mine), cfg.fid_batch):
         index = mine[start:start + cfg.fid_batch]
         with ats.autocast(trainer.device, cfg.amp):
-            x = trainer.diffusion.ddim_sample(trainer.ema, (len(index), *shape),
+            x = ats.ddim_sample(trainer.diffusion, trainer.ema, (len(index), *shape),
                                               steps=cfg.sample_steps,
                                               generator=ats.image_generators(cfg.seed, index))
         out[start:start + len(index)] = to_uint8(x)

@@ -205,11 +205,16 @@ def write_config(out_dir, config, step):
     os.replace(path + ".tmp", path)
 
 
+def max_over_ranks(x):
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return x.item()
+
+
 def check_weights(trainer, path, saved):
     """Stop before saving weights whose loss is not finite or is above MAX_CKPT_LOSS (twice what
     predicting zero noise scores). Every rank checks its own batch; the worst decides."""
     loss = torch.tensor(trainer.check_loss(trainer.batch), device=trainer.device)
-    loss = ats.all_reduce(loss, op="max").item()
+    loss = loss.item() if ats.rank_and_size()[1] == 1 else max_over_ranks(loss)
     if not (math.isfinite(loss) and loss <= MAX_CKPT_LOSS):
         raise SystemExit(f"error: at step {trainer.step} the weights give L_simple {loss:.3g} "
                          f"(above {MAX_CKPT_LOSS}, worse than predicting zero noise): training "
@@ -260,7 +265,7 @@ def agree(flag, seconds, n, device, world):
     the checks to about every 2 seconds."""
     if world == 1:
         return flag, 1
-    rank = ats.world()[0]
+    rank = ats.rank_and_size()[0]
     pace = max(1, round(2.0 * n / max(seconds, 1e-6))) if rank == 0 else 0
     t = ats.all_reduce(torch.tensor([float(flag), float(pace)], device=device))
     return bool(t[0] > 0), int(t[1])

@@ -227,7 +227,7 @@ def main(argv=None):
                          f"({type(e).__name__}: {str(e)[:200]})") from None
     if not args.ddpm:
         try:
-            diffusion.ddim_timesteps(args.steps)
+            ats.ddim_timesteps(diffusion.T, args.steps)
         except ValueError as e:
             raise SystemExit(f"error: --steps: {e}") from None
     method = "ddpm" if args.ddpm else f"ddim-{args.steps}"
@@ -297,10 +297,10 @@ def generate(args, model, diffusion, ckpt, made_from, digests, shape, device):
             gens, batch_shape = ats.image_generators(args.seed, index), (len(index), *shape)
             with torch.no_grad(), ats.autocast(device, ckpt["config"].get("amp", "auto")):
                 if args.ddpm:
-                    x = diffusion.ddpm_sample(model, batch_shape, generator=gens,
+                    x = ats.ddpm_sample(diffusion, model, batch_shape, generator=gens,
                                               progress=progress)
                 else:
-                    x = diffusion.ddim_sample(model, batch_shape, steps=args.steps,
+                    x = ats.ddim_sample(diffusion, model, batch_shape, steps=args.steps,
                                               generator=gens, progress=progress)
             x = ((x.float() + 1) / 2).cpu()                              # (b, C, H, W) in [0, 1]
             if args.out_dir:

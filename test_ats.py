@@ -1,8 +1,8 @@
 """ats.py: the diffusion maths, the U-Net, the sampler API, the adaptive sampler, the Trainer and
 checkpoints. CPU only."""
 
+import copy
 import math
-import os
 
 import pytest
 import torch
@@ -12,14 +12,17 @@ import torch.nn as nn
 
 import ats
 from conftest import (
-    HERE,
     Oracle,
     ats_sampler,
     batches,
     blobs,
     chi2_pvalue,
+    copied,
+    ddpm,
     free_port,
     make_trainer,
+    nudge,
+    readme_snippets,
     set_ab,
     tiny_unet,
 )
@@ -32,7 +35,7 @@ from conftest import (
 @pytest.mark.parametrize("schedule", ["linear", "quad", "cosine"])
 def test_schedule_abar_monotone_in_unit_interval(schedule):
     """abar_t lies in (0, 1) and strictly decreases for every schedule."""
-    abar = ats.GaussianDiffusion(T=1000, schedule=schedule).abar
+    abar = ddpm(1000, schedule).abar
     assert (abar > 0).all() and (abar < 1).all()
     assert (abar[1:] < abar[:-1]).all()
 
@@ -40,14 +43,14 @@ def test_schedule_abar_monotone_in_unit_interval(schedule):
 def test_unknown_schedule_and_variance_are_refused():
     """A bad schedule or variance name raises one ValueError naming the choices."""
     with pytest.raises(ValueError, match="linear"):
-        ats.GaussianDiffusion(schedule="sigmoid")
+        ats.make_betas("sigmoid", 100)
     with pytest.raises(ValueError, match="large"):
-        ats.GaussianDiffusion(var_type="learned")
+        ddpm(100, var_type="learned")
 
 
 def test_q_sample_moments_match_theory():
     """q(x_t | x0) has mean sqrt(abar_t) x0 and variance 1 - abar_t."""
-    d = ats.GaussianDiffusion(T=1000, schedule="linear")
+    d = ddpm(1000, "linear")
     g = torch.Generator().manual_seed(0)
     x0 = torch.full((200_000, 1, 1, 1), 0.7)
     for t in (0, 300, 999):
@@ -59,7 +62,7 @@ def test_q_sample_moments_match_theory():
 
 def test_oracle_model_has_zero_kl_with_small_variance():
     """With 'small' variance a model that predicts the true noise has L_t = 0 for every t >= 1."""
-    d = ats.GaussianDiffusion(T=1000, schedule="linear", var_type="small")
+    d = ddpm(1000, "linear", var_type="small")
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
@@ -71,7 +74,7 @@ def test_oracle_model_has_zero_kl_with_small_variance():
 def test_vlb_terms_match_closed_form_on_one_pixel():
     """L_t and L_0 equal an independent float64 computation from the DDPM formulas."""
     T = 10
-    d = ats.GaussianDiffusion(T=T, schedule="linear", var_type="large")
+    d = ddpm(T, "linear", var_type="large")
     betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
     abar = [math.prod(1 - b for b in betas[: i + 1]) for i in range(T)]
     x0, eps, eps_model = 0.3, -0.8, 0.5
@@ -107,48 +110,44 @@ def test_vlb_terms_match_closed_form_on_one_pixel():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_prior_term_is_negligible(schedule):
     """KL(q(x_T | x0) || N(0, I)) is below 1e-4 bits/dim at T = 1000 for data in [-1, 1]."""
-    d = ats.GaussianDiffusion(T=1000, schedule=schedule)
+    d = ddpm(1000, schedule)
     x0 = torch.tensor([-1.0, -0.3, 0.0, 1.0]).view(4, 1, 1, 1)
-    assert d.prior_bpd(x0).max().item() < 1e-4
+    assert ats.prior_bpd(d, x0).max().item() < 1e-4
 
 
 def test_nll_bpd_is_sum_of_terms_and_chunk_independent():
     """nll_bpd equals prior + sum_t L_t, whatever the chunk size."""
-    d = ats.GaussianDiffusion(T=20, schedule="linear")
+    d = ddpm(20, "linear")
     model = tiny_unet().eval()
     x0 = blobs(3)
-    a = d.nll_bpd(model, x0, batch_size=7, generator=torch.Generator().manual_seed(0))
-    b = d.nll_bpd(model, x0, batch_size=60, generator=torch.Generator().manual_seed(0))
+    a = ats.nll_bpd(d, model, x0, batch_size=7, generator=torch.Generator().manual_seed(0))
+    b = ats.nll_bpd(d, model, x0, batch_size=60, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
     noise = torch.randn((3 * 20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     t = torch.arange(20).repeat(3)
     terms = d.vlb_terms(model, x0.repeat_interleave(20, 0), t, noise).view(3, 20)
-    torch.testing.assert_close(a, terms.sum(1) + d.prior_bpd(x0))
+    torch.testing.assert_close(a, terms.sum(1) + ats.prior_bpd(d, x0))
 
 
-@pytest.mark.parametrize("schedule", ["linear", "quad", "cosine"])
-def test_betas_path_equals_name_path_bitwise(schedule):
-    """GaussianDiffusion(betas=...) of a schedule's betas has bitwise the name path's buffers, and
-    its config rebuilds it."""
-    named = ats.GaussianDiffusion(T=100, schedule=schedule)
-    given = ats.GaussianDiffusion(betas=ats.make_betas(schedule, 100))
-    assert given.T == 100
-    for (name, a), (_, b) in zip(named.named_buffers(), given.named_buffers()):
-        assert torch.equal(a, b), name
+def test_config_rebuilds_the_diffusion_bitwise():
+    """GaussianDiffusion(**d.config) has bitwise d's buffers, float32 betas give the same T."""
+    given = ddpm(100, "cosine", prediction="v", var_type="small")
     rebuilt = ats.GaussianDiffusion(**given.config)
+    assert rebuilt.T == 100 and rebuilt.prediction == "v"
     assert all(torch.equal(a, b) for a, b in zip(given.buffers(), rebuilt.buffers()))
 
 
 def test_bad_betas_and_prediction_are_refused():
-    """Betas outside (0, 1), not 1-D, or not matching T, and an unknown prediction type, each
-    raise one ValueError."""
+    """Betas outside (0, 1) or not 1-D, betas whose abar rounds to 1 or vanishes (NaN buffers or
+    a VLB of thousands), and an unknown prediction type each raise one ValueError."""
     for betas in (torch.linspace(0, 0.02, 10), torch.linspace(1e-4, 1, 10), torch.ones(2, 5) / 9):
         with pytest.raises(ValueError, match="beta"):
             ats.GaussianDiffusion(betas=betas)
-    with pytest.raises(ValueError, match="T, if given"):
-        ats.GaussianDiffusion(betas=torch.full((10,), 0.01), T=20)
+    for betas in (torch.full((100,), 1e-20), torch.full((100,), 0.9999)):
+        with pytest.raises(ValueError, match="abar_t"):
+            ats.GaussianDiffusion(betas)
     with pytest.raises(ValueError, match="'eps', 'v' or 'x0'"):
-        ats.GaussianDiffusion(prediction="epsilon")
+        ats.GaussianDiffusion(ats.make_betas("linear", 10), prediction="epsilon")
 
 
 def as_prediction(eps_model, d, kind):
@@ -169,8 +168,8 @@ def test_v_and_x0_models_have_the_eps_models_vlb(kind, schedule):
     as the eps model it was converted from."""
     torch.manual_seed(0)
     T = 50
-    eps_d = ats.GaussianDiffusion(T=T, schedule=schedule)
-    other = ats.GaussianDiffusion(T=T, schedule=schedule, prediction=kind)
+    eps_d = ddpm(T, schedule)
+    other = ddpm(T, schedule, prediction=kind)
     model = tiny_unet().eval()
     with torch.no_grad():
         model.conv_out.weight.normal_(0, 0.3)
@@ -186,7 +185,7 @@ def test_v_and_x0_models_have_the_eps_models_vlb(kind, schedule):
 def test_loss_is_zero_for_the_true_target(kind):
     """L_simple is exactly 0 for a model that returns its prediction type's true target, whose v
     is sqrt(abar) eps - sqrt(1 - abar) x0."""
-    d = ats.GaussianDiffusion(T=50, prediction=kind)
+    d = ddpm(50, prediction=kind)
     x0, g = blobs(6), torch.Generator().manual_seed(0)
     t, noise = torch.randint(0, 50, (6,), generator=g), torch.randn((6, 1, 8, 8), generator=g)
     a, s = d.abar[t].sqrt().view(-1, 1, 1, 1), (1 - d.abar[t]).sqrt().view(-1, 1, 1, 1)
@@ -200,7 +199,7 @@ def test_loss_is_zero_for_the_true_target(kind):
 def test_v_and_x0_models_sample_the_eps_models_images(kind):
     """DDPM and DDIM give the same images from a v (or x0) model as from its eps form."""
     torch.manual_seed(0)
-    eps_d, other = ats.GaussianDiffusion(T=30), ats.GaussianDiffusion(T=30, prediction=kind)
+    eps_d, other = ddpm(30), ddpm(30, prediction=kind)
     model = tiny_unet().eval()
     with torch.no_grad():
         model.conv_out.weight.normal_(0, 0.3)
@@ -208,8 +207,8 @@ def test_v_and_x0_models_sample_the_eps_models_images(kind):
     gen = lambda: torch.Generator().manual_seed(4)
     for draw in ("ddpm_sample", "ddim_sample"):
         kw = {"steps": 10} if draw == "ddim_sample" else {}
-        a = getattr(eps_d, draw)(model, shape, generator=gen(), **kw)
-        b = getattr(other, draw)(converted, shape, generator=gen(), **kw)
+        a = getattr(ats, draw)(eps_d, model, shape, generator=gen(), **kw)
+        b = getattr(ats, draw)(other, converted, shape, generator=gen(), **kw)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
@@ -415,27 +414,26 @@ def test_entropy_term_acts_faster_than_linearly_near_uniform():
     assert entropy_gradient(released, 0.02) < 0.01 * entropy_gradient(bonus, 0.02)
 
 
-def test_probe_is_clean_without_an_update():
-    """With dropout on and no model change between probes, every delta and reward is exactly 0."""
+def test_probe_is_clean_and_an_update_that_changed_nothing_is_skipped():
+    """With dropout on and no model change between the probes (a warm-up's lr-0 step), the two
+    probes agree exactly, so the sampler skips the update: no queue row, no policy step."""
     torch.manual_seed(0)
-    d = ats.GaussianDiffusion(T=30)
+    d = ddpm(30)
     model = tiny_unet(dropout=0.5).train()
     s = ats_sampler(30, model, d)
-    rewards = []
-    learn = s._learn
-    s._learn = lambda x0, t, r: (rewards.append(r), learn(x0, t, r))[1]
+    before = [p.clone() for p in s.policy.parameters()]
     x0 = blobs(8)
     with s.around_update(x0, s.sample(x0)) as stats:
         pass
     assert model.training  # restored after the probe
-    assert torch.equal(s.queue_x[-1], torch.zeros(30, dtype=torch.float64))
-    assert torch.equal(rewards[0], torch.zeros(8)) and stats["reward"] == 0
+    assert stats == {} and len(s.queue_y) == 0 and s.updates == 0 and s.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, s.policy.parameters()))
 
 
 def test_probe_sees_a_real_update():
     """With an optimizer step between the probes, the sweep deltas and rewards are non-zero."""
     torch.manual_seed(0)
-    d = ats.GaussianDiffusion(T=30)
+    d = ddpm(30)
     model = tiny_unet(dropout=0.1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     s = ats_sampler(30, model, d)
@@ -452,17 +450,135 @@ def test_probe_sees_a_real_update():
     assert stats["p"].shape == (30,) and stats["S"] == [0, 1, 2]
 
 
+def probe_noise(sampler, seed, batch):
+    """The noise the sampler's first update draws: the sweep's, then the rewards'."""
+    g = torch.Generator().manual_seed(seed)
+    sweep = torch.randn((len(sampler.probed), 1, 8, 8), generator=g)
+    return sweep, torch.randn((batch, sampler.num_selected, 1, 8, 8), generator=g)
+
+
+def spy_rewards(sampler):
+    """A list that receives the reward vector of each policy step the sampler takes."""
+    seen, learn = [], sampler._learn
+    sampler._learn = lambda x0, t, r: (seen.append(r), learn(x0, t, r))[1]
+    return seen
+
+
+def test_rewards_and_sweep_are_the_vlb_drops_of_a_known_change():
+    """D, summed over S, and the queued sweep delta equal vlb_terms evaluated independently
+    before and after a known weight change, with the same noise, in eval mode, chunked or not."""
+    torch.manual_seed(0)
+    d, model = ddpm(30), tiny_unet(dropout=0.1)
+    s = ats_sampler(30, model, d, seed=3, probe_batch=5)
+    seen, x0 = spy_rewards(s), blobs(6)
+    before = copy.deepcopy(model).eval()
+    with s.around_update(x0, s.sample(x0)):
+        nudge(model, 7, scale=1e-2)
+    after = copy.deepcopy(model).eval()
+    sweep_noise, reward_noise = probe_noise(s, 3, 6)
+    drop = lambda x, t, n: (d.vlb_terms(before, x, t, n) - d.vlb_terms(after, x, t, n)).double()
+    with torch.no_grad():
+        ts = torch.arange(30)
+        sweep = drop(x0[:1].expand(30, -1, -1, -1), ts, sweep_noise)
+        D = torch.stack([drop(x0[i:i + 1].expand(3, -1, -1, -1), torch.arange(3), reward_noise[i])
+                         for i in range(6)])                           # S = {0, 1, 2} at first
+    torch.testing.assert_close(s.queue_x[0], sweep, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(seen[0].double(), D.sum(1), rtol=1e-4, atol=1e-7)
+    assert (D != 0).all()
+
+
+class Labelled(nn.Module):
+    """A class-conditional eps-model: the label shifts the input, so the VLB depends on it."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.net, self.shift = tiny_unet(), nn.Embedding(classes, 1)
+        nn.init.normal_(self.shift.weight, std=1.0)
+
+    def forward(self, x, t, y):
+        return self.net(x + self.shift(y)[:, :, None, None], t)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_conditional_model_trains_with_each_rows_own_label(as_dict):
+    """Passing the labels to around_update, vlb_fn gets for every row of every chunk (sweep and
+    rewards) the label of that row's image, and the rewards equal the labelled VLB's drops; a
+    class-conditional model then trains with ATS."""
+    torch.manual_seed(0)
+    d, model = ddpm(20), Labelled()
+    B, label_of = 6, lambda x: (x[:, 0, 0, 0] * 10).round().long() % 4   # image i carries i
+    x0 = 0.3 * blobs(B)
+    x0[:, 0, 0, 0] = torch.arange(B) / 10
+    y = torch.arange(B) % 4
+
+    def vlb_fn(x, t, noise, cond):
+        labels = cond["y"] if as_dict else cond
+        assert torch.equal(labels, label_of(x)), "a row got another image's label"
+        return d.vlb_terms(model, x, t, noise, y=labels)
+
+    s = ats.AdaptiveTimestepSampler(20, vlb_fn, in_channels=1, model=model, seed=5, probe_batch=4,
+                                    update_every=2)
+    seen = spy_rewards(s)
+    before = copy.deepcopy(model).eval()
+    with s.around_update(x0, s.sample(x0), cond={"y": y} if as_dict else y):
+        nudge(model, 2, scale=1e-2)
+    _, reward_noise = probe_noise(s, 5, B)
+    with torch.no_grad():
+        expected = torch.stack([
+            (d.vlb_terms(before, x0[i:i + 1].expand(3, -1, -1, -1), torch.arange(3),
+                         reward_noise[i], y=y[i].expand(3))
+             - d.vlb_terms(model.eval(), x0[i:i + 1].expand(3, -1, -1, -1), torch.arange(3),
+                           reward_noise[i], y=y[i].expand(3))).sum() for i in range(B)])
+    torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-7)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(4):
+        t = s.sample(x0)
+        opt.zero_grad()
+        d.loss(model, x0, t, y=y).mean().backward()
+        with s.around_update(x0, t, cond={"y": y} if as_dict else y):
+            opt.step()
+    assert s.updates == 3 and len(seen) == 3
+
+
+def test_a_vlb_fn_that_breaks_its_contract_gets_one_clear_error():
+    """A vlb_fn returning the wrong shape, a 0-d tensor, too few values, a Python float, a list,
+    a numpy array or a tensor on another device is named at the first probe."""
+    np = pytest.importorskip("numpy")
+    good = lambda x, t, n: torch.zeros(len(x))
+    for bad in (lambda x, t, n: good(x, t, n)[:, None], lambda x, t, n: good(x, t, n).sum(),
+                lambda x, t, n: good(x, t, n)[1:], lambda x, t, n: 0.0,
+                lambda x, t, n: [0.0] * len(x), lambda x, t, n: np.zeros(len(x)),
+                lambda x, t, n: torch.zeros(len(x), device="meta"),
+                lambda x, t, n: torch.zeros(len(x), dtype=torch.long)):
+        s = ats.AdaptiveTimestepSampler(10, bad, in_channels=1)
+        with pytest.raises(ValueError, match="vlb_fn must return a float tensor of shape"):
+            with s.around_update(blobs(2), torch.zeros(2, dtype=torch.long)):
+                pass
+
+
+def test_a_vlb_fn_that_gives_nan_is_reported_and_the_policy_kept():
+    """vlb_fn values of NaN skip the update with a warning, and leave the policy as it was."""
+    s = ats.AdaptiveTimestepSampler(10, lambda x, t, n: torch.full((len(x),), math.nan), 1)
+    before = [p.clone() for p in s.policy.parameters()]
+    with pytest.warns(UserWarning, match="inf or NaN"):
+        with s.around_update(blobs(2), torch.zeros(2, dtype=torch.long)):
+            pass
+    assert s.updates == 0 and len(s.queue_y) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, s.policy.parameters()))
+
+
 def test_update_runs_every_f_s_global_steps():
     """The probe and policy step run exactly at global steps 0, f_S, 2 f_S, ...; S is updated
     from 3 rows on."""
-    d = ats.GaussianDiffusion(T=20)
+    d = ddpm(20)
     model = tiny_unet()
     s = ats_sampler(20, model, d, update_every=4, num_selected=2)
     x0 = blobs(4)
     updated = []
     for step in range(13):
         with s.around_update(x0, s.sample(x0)) as stats:
-            pass
+            nudge(model, step)
         updated += [step] if stats else []
     assert s.step == 13 and len(s.queue_y) == 4 and updated == [0, 4, 8, 12]
 
@@ -502,7 +618,7 @@ def recording(vlb_fn, seen):
 def updates(sampler, model, x0, n, lr=1e-3):
     """n model updates, each wrapped by the sampler as Trainer.train_step wraps it."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    diffusion = ats.GaussianDiffusion(T=sampler.T)
+    diffusion = ddpm(sampler.T)
     for _ in range(n):
         t = sampler.sample(x0)
         opt.zero_grad()
@@ -517,7 +633,7 @@ def test_sweep_stride_probes_only_every_kth_timestep_and_s_stays_on_them():
     column per swept t, and S only ever holds swept timesteps."""
     torch.manual_seed(0)
     T, k = 50, 7
-    model, d, seen = tiny_unet(), ats.GaussianDiffusion(T=T), []
+    model, d, seen = tiny_unet(), ddpm(T), []
     vlb = recording(lambda x0, t, n: d.vlb_terms(model, x0, t, n), seen)
     s = ats.AdaptiveTimestepSampler(T, vlb, in_channels=1, model=model, update_every=1,
                                     sweep_stride=k)
@@ -534,23 +650,53 @@ def test_sweep_stride_probes_only_every_kth_timestep_and_s_stays_on_them():
 def test_stride_one_sweeps_every_timestep():
     """sweep_stride 1, the default and the paper's, sweeps all T timesteps."""
     torch.manual_seed(0)
-    model, d, seen = tiny_unet(), ats.GaussianDiffusion(T=20), []
+    model, d, seen = tiny_unet(), ddpm(20), []
     vlb = recording(lambda x0, t, n: d.vlb_terms(model, x0, t, n), seen)
     s = ats.AdaptiveTimestepSampler(20, vlb, in_channels=1, model=model, num_selected=2)
     updates(s, model, blobs(2), 1)
     assert seen[0].tolist() == list(range(20)) and s.queue_x.shape == (1, 20)
 
 
-def test_sweep_stride_is_checked_and_carried_by_the_state():
-    """A stride outside [1, T), or too few swept timesteps for |S|, is refused; a state saved with
-    one stride does not load into a sampler with another."""
-    for bad in ({"sweep_stride": 0}, {"sweep_stride": 50}, {"sweep_stride": 20, "num_selected": 4}):
-        with pytest.raises(ValueError, match="sweep_stride|num_selected"):
-            ats.AdaptiveTimestepSampler(50, vlb_fn=None, **bad)
-    a = ats.AdaptiveTimestepSampler(50, vlb_fn=None, sweep_stride=5)
-    b = ats.AdaptiveTimestepSampler(50, vlb_fn=None, sweep_stride=10)
-    with pytest.raises(ValueError, match="sweep_stride 5, not 10"):
-        b.load_state_dict(a.state_dict())
+def test_impossible_sampler_settings_are_refused_with_the_setting_named():
+    """Non-integer counts, T below 2, a stride outside [1, T), too few swept timesteps for |S|,
+    and a NaN learning rate each raise one ValueError naming the setting."""
+    bad = [({"update_every": 1.5}, "update_every"), ({"T": 1}, "T must"), ({"T": 50.0}, "T must"),
+           ({"sweep_stride": 0}, "sweep_stride"), ({"sweep_stride": 50}, "sweep_stride"),
+           ({"sweep_stride": 20, "num_selected": 4}, "num_selected"),
+           ({"policy_lr": math.nan}, "policy_lr"), ({"queue_size": 2}, "queue_size")]
+    for kw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ats.AdaptiveTimestepSampler(**{"T": 50, "vlb_fn": None, **kw})
+
+
+def test_a_state_that_does_not_fit_is_refused_before_anything_changes():
+    """load_state_dict refuses a state of another T, stride or |S|, an S off the swept
+    timesteps, a garbled queue or a missing key, and leaves the sampler as it was."""
+    torch.manual_seed(0)
+    model, d = tiny_unet(), ddpm(50)
+    good = ats_sampler(50, model, d, sweep_stride=5, update_every=1)
+    x0 = blobs(4)
+    for step in range(3):
+        with good.around_update(x0, good.sample(x0)):
+            nudge(model, step)
+    state = good.state_dict()
+    bad = [ats_sampler(60, model, ddpm(60), sweep_stride=5).state_dict(),
+           ats_sampler(50, model, d, sweep_stride=10).state_dict(),
+           ats_sampler(50, model, d, sweep_stride=5, num_selected=2).state_dict(),
+           {**state, "S": torch.tensor([0, 5, 7])}, {**state, "queue_x": state["queue_x"][:, :3]},
+           {**state, "queue_y": state["queue_y"][:1]},
+           {k: v for k, v in state.items() if k != "noise_gen"}]
+    target = ats_sampler(50, model, d, sweep_stride=5, update_every=1)
+    before = copy.deepcopy(target.state_dict())
+    for other in bad:
+        with pytest.raises(ValueError, match="does not fit"):
+            target.load_state_dict(other)
+    after = target.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(tensors(before), tensors(after)))
+    assert after["step"] == 0 and len(after["queue_y"]) == 0
+    target.load_state_dict(state)
+    assert target.step == 3 and len(target.queue_x) == 3
+    assert torch.equal(target.queue_x, good.queue_x)
 
 
 def tensors(x):
@@ -565,7 +711,7 @@ def test_load_state_dict_copies_so_no_tensor_is_shared():
     """After s2.load_state_dict(s1.state_dict()) the two samplers share no tensor storage, and s2
     holds s1's values."""
     torch.manual_seed(0)
-    model, d = tiny_unet(), ats.GaussianDiffusion(T=20)
+    model, d = tiny_unet(), ddpm(20)
     s1 = ats_sampler(20, model, d, update_every=1, num_selected=2)
     updates(s1, model, blobs(4), 4)
     s2 = ats_sampler(20, model, d, update_every=1, num_selected=2)
@@ -581,7 +727,7 @@ def test_update_stats_report_how_far_the_policy_moved():
     """The stats of an update hold the rewards' mean and RMS, the KL from uniform of the policy it
     started from, and the KL of its step, equal to an independent computation on the batch."""
     torch.manual_seed(0)
-    model, d = tiny_unet(), ats.GaussianDiffusion(T=20)
+    model, d = tiny_unet(), ddpm(20)
     s = ats_sampler(20, model, d, update_every=1, num_selected=2)
     x0 = blobs(8)
     updates(s, model, x0, 2)
@@ -593,52 +739,6 @@ def test_update_stats_report_how_far_the_policy_moved():
     kl_uniform = (before * (before * 20).log()).sum(1).mean().item()
     assert stats["kl_uniform"] == pytest.approx(kl_uniform, rel=1e-3, abs=1e-6)
     assert stats["reward_rms"] >= abs(stats["reward"]) > 0
-
-
-def noise_rewards(sampler, n, scale=3.0):
-    """n REINFORCE steps on pure-noise rewards of the given scale; the KL of each step."""
-    g = torch.Generator().manual_seed(0)
-    x0, kls = torch.randn(32, 1, 8, 8, generator=g), []
-    for _ in range(n):
-        t = sampler.sample(x0, generator=g)
-        kls.append(sampler._learn(x0, t, scale * torch.randn(32, generator=g))["kl_step"])
-    return kls
-
-
-def test_max_kl_caps_every_policy_update():
-    """With max_kl the batch-mean KL of every policy step stays within it, where the released
-    settings let noise rewards swing the policy by far more."""
-    torch.manual_seed(0)
-    free = noise_rewards(ats.AdaptiveTimestepSampler(100, vlb_fn=None, in_channels=1), 4)
-    torch.manual_seed(0)
-    capped = noise_rewards(ats.AdaptiveTimestepSampler(100, None, 1, max_kl=0.01), 4)
-    assert max(free) > 0.1 and max(capped) <= 0.01
-
-
-def test_policy_warmup_ramps_the_learning_rate():
-    """policy_warmup W sets the policy's learning rate to lr (n + 1) / W at its n-th update, then
-    lr."""
-    s = ats.AdaptiveTimestepSampler(50, vlb_fn=None, in_channels=1, policy_lr=0.01,
-                                    policy_warmup=4)
-    lrs = []
-    for _ in range(6):
-        noise_rewards(s, 1)
-        lrs.append(s.opt.param_groups[0]["lr"])
-    assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
-
-
-def test_reward_norm_makes_the_step_independent_of_the_rewards_scale():
-    """With reward_norm, rewards scaled by 1e4 move the policy as the unscaled ones do (without it,
-    they do not)."""
-    x0, policies = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), {}
-    for norm in (False, True):
-        for scale in (1e-4, 1.0):
-            torch.manual_seed(0)
-            s = ats.AdaptiveTimestepSampler(50, vlb_fn=None, in_channels=1, reward_norm=norm)
-            noise_rewards(s, 3, scale=scale)
-            policies[norm, scale] = s.probs(x0)
-    torch.testing.assert_close(policies[True, 1e-4], policies[True, 1.0], rtol=1e-3, atol=1e-6)
-    assert (policies[False, 1e-4] - policies[False, 1.0]).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +758,7 @@ def test_uniform_unweighted_step_is_the_plain_ddpm_step():
     """Uniform unweighted t trains bit-identically to a hand-written DDPM step (Adam, clip, EMA)."""
     trainer = make_trainer("uniform")
     torch.manual_seed(0)
-    model, d = tiny_unet(), ats.GaussianDiffusion(T=50)
+    model, d = tiny_unet(), ddpm(50)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     ema = [p.detach().clone() for p in model.parameters()]
     gen, data = torch.Generator().manual_seed(0), blobs(64)
@@ -744,7 +844,7 @@ def test_learning_rates_given_on_resume_apply():
     list(old.run(batches(blobs(64), 8, 0), 3))
     state = old.state_dict()
     torch.manual_seed(0)
-    model, d = tiny_unet(), ats.GaussianDiffusion(T=50)
+    model, d = tiny_unet(), ddpm(50)
     sampler = ats_sampler(50, model, d, update_every=3, policy_lr=0.5)
     new = ats.Trainer(model, d, sampler, lr=0.25, warmup=5)
     new.load_state_dict(state)
@@ -773,7 +873,7 @@ def test_bad_checkpoint_files_give_one_clear_error(tmp_path):
     with pytest.raises(ats.CheckpointError, match="truncated or corrupt"):
         ats.load_checkpoint(tmp_path / "text.pt")
     torch.save({"format": "ats-checkpoint", "version": 1, "model": {}}, tmp_path / "v1.pt")
-    with pytest.raises(ats.CheckpointError, match="version 1, this code reads version 2"):
+    with pytest.raises(ats.CheckpointError, match="version 1, this code reads version 3"):
         ats.load_checkpoint(tmp_path / "v1.pt")
 
 
@@ -782,14 +882,15 @@ def test_samplers_shape_range_and_determinism(method):
     """DDPM and DDIM return the right shape and range, the same images under the same seed, and an
     image's noise depends on its own generator only, not on the batch it is in."""
     torch.manual_seed(0)
-    d = ats.GaussianDiffusion(T=40)
+    d = ddpm(40)
     model = tiny_unet().eval()
     with torch.no_grad():  # a non-trivial output layer, so samples are not just noise
         model.conv_out.weight.normal_(0, 0.3)
     if method == "ddpm":
-        draw = lambda g, n=3: d.ddpm_sample(model, (n, 1, 8, 8), generator=g)
+        draw = lambda g, n=3: ats.ddpm_sample(d, model, (n, 1, 8, 8), generator=g)
     else:
-        draw = lambda g, n=3: d.ddim_sample(model, (n, 1, 8, 8), steps=10, eta=0.5, generator=g)
+        draw = lambda g, n=3: ats.ddim_sample(d, model, (n, 1, 8, 8), steps=10, eta=0.5,
+                                              generator=g)
     x = draw(torch.Generator().manual_seed(1))
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x, draw(torch.Generator().manual_seed(1)))
@@ -807,7 +908,7 @@ def test_samplers_shape_range_and_determinism(method):
 def sweep_setup(T, stride=1):
     torch.manual_seed(0)
     model = tiny_unet().eval()
-    d = ats.GaussianDiffusion(T=T)
+    d = ddpm(T)
     s = ats_sampler(T, model, d, sweep_stride=stride, num_selected=2)
     g = torch.Generator().manual_seed(1)
     return s, blobs(1), torch.randn((len(s.probed), 1, 8, 8), generator=g)
@@ -842,38 +943,58 @@ def test_split_sweep_equals_single_process_sweep(tmp_path, T, world, stride):
 # ---------------------------------------------------------------------------------------------
 
 
-COPY_FROM, COPY_TO = "# >>> ATS: copy from here.", "# <<< ATS: copy to here."
-
-
-def copied_block():
-    """ats.py from the copy-from marker to the copy-to marker, as a reader would paste it."""
-    text = open(os.path.join(HERE, "ats.py")).read()
-    assert text.count(COPY_FROM) == 1 and text.count(COPY_TO) == 1
-    return text[text.index(COPY_FROM):text.index(COPY_TO)]
-
-
-def test_readme_snippet_runs_on_exactly_the_block_it_names():
-    """The README names the markers of the block to copy; that block runs with only the imports
-    it lists, and the README's loop runs on the copied AdaptiveTimestepSampler."""
-    readme = open(os.path.join(HERE, "README.md")).read()
-    section = readme[readme.index("## ATS in your codebase"):]
-    assert COPY_FROM in section and COPY_TO in section
-    start = section.index("```python") + len("```python")
-    code = section[start:section.index("```", start)]
-    imports = ("import contextlib, math\nimport torch\nimport torch.distributed as dist\n"
-               "import torch.nn as nn\nimport torch.nn.functional as F\n")
-    copied = {}
-    exec(imports + copied_block(), copied)
+def test_readme_loops_run_on_exactly_the_copied_block():
+    """The README's loop and its conditional variant run on the copied block alone, with the
+    user's own objects (betas, a model, a loader, an optimizer) and nothing of ats.py."""
+    loop, conditional = readme_snippets()[:2]
+    assert loop.strip().startswith("from ats import AdaptiveTimestepSampler, GaussianDiffusion")
+    loop = loop.replace("in_channels=3", "in_channels=1").split("\n", 1)[1]
     torch.manual_seed(0)
     model = tiny_unet()
-    scope = {"betas": ats.make_betas("linear", 20), "model": model, "device": "cpu",
-             "loader": [blobs(4), blobs(4, seed=1)],
-             "optimizer": torch.optim.Adam(model.parameters(), lr=1e-3),
-             "AdaptiveTimestepSampler": copied["AdaptiveTimestepSampler"],
-             "GaussianDiffusion": ats.GaussianDiffusion}
-    lines = code.strip().splitlines()
-    assert lines[0].startswith("from ats import AdaptiveTimestepSampler, GaussianDiffusion")
-    exec("\n".join(lines[1:]).replace("in_channels=3", "in_channels=1"), scope)
-    sampler = scope["sampler"]
-    assert type(sampler) is copied["AdaptiveTimestepSampler"]
-    assert sampler.step == 2 and len(sampler.queue_y) == 1
+    user = {"betas": torch.linspace(1e-4, 0.02, 40), "model": model, "device": "cpu",
+            "loader": [blobs(4), blobs(4, seed=1)],
+            "optimizer": torch.optim.Adam(model.parameters(), lr=1e-3)}
+    scope = {**copied(), **user}
+    exec(loop, scope)
+    assert type(scope["sampler"]) is scope["AdaptiveTimestepSampler"]
+    assert scope["sampler"].step == 2 and len(scope["sampler"].queue_y) == 1
+    labelled = Labelled()
+    scope.update(model=labelled, loader=[(blobs(4), torch.tensor([0, 1, 2, 3]))],
+                 optimizer=torch.optim.Adam(labelled.parameters(), lr=1e-3))
+    exec(conditional.replace("in_channels=3", "in_channels=1"), scope)
+    assert scope["sampler"].updates == 1
+
+
+class TheirDiffusion:
+    """A stand-in for improved-diffusion's and DiT's GaussianDiffusion, with their signatures
+    (q_sample, _vb_terms_bpd, training_losses, num_timesteps) and this project's maths inside."""
+
+    def __init__(self, T):
+        self.num_timesteps, self.ours = T, ddpm(T)
+
+    def q_sample(self, x_start, t, noise=None):
+        return self.ours.q_sample(x_start, t, noise)
+
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+        noise = (x_t - self.ours._at(self.ours.sqrt_abar, t, x_t) * x_start) / self.ours._at(
+            self.ours.sqrt_1m_abar, t, x_t)
+        return {"output": self.ours.vlb_terms(model, x_start, t, noise, **model_kwargs)}
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        return {"loss": self.ours.loss(model, x_start, t, noise, **model_kwargs)}
+
+
+def test_readme_recipe_for_improved_diffusion_and_dit_passes_each_rows_label():
+    """The improved-diffusion/DiT recipe runs on the copied block with a stand-in of their
+    diffusion, a DDP-like wrapper and a class-conditional model."""
+    recipe = readme_snippets()[4]
+    assert "_vb_terms_bpd" in recipe
+    torch.manual_seed(0)
+    wrapper = nn.Module()
+    wrapper.module = Labelled()
+    wrapper.forward = lambda x, t, y: wrapper.module(x, t, y)
+    scope = {**copied(), "diffusion": TheirDiffusion(30), "model": wrapper, "device": "cpu",
+             "loader": [(blobs(4), torch.tensor([3, 2, 1, 0]))] * 2,
+             "opt": torch.optim.Adam(wrapper.module.parameters(), lr=1e-3)}
+    exec(recipe.replace("in_channels=4", "in_channels=1"), scope)
+    assert scope["net"] is wrapper.module and scope["sampler"].updates == 1

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import ats
 import bench
 
 TOY_MODEL = "ch=8,ch_mult=1,num_res=1,attn_res=,dropout=0.1,T=20,sample_steps=5"
@@ -341,3 +342,53 @@ def test_report_refuses_an_out_that_holds_files_or_a_results_json_not_a_studys(t
     (tmp_path / "empty").mkdir()
     assert bench.main(["report", str(root / "a"), str(root / "b"), "--out",
                        str(tmp_path / "empty")])["complete"]
+
+
+# The sampler options that live in the lab
+
+
+def noise_rewards(sampler, n, scale=3.0):
+    """n REINFORCE steps on pure-noise rewards of the given scale; the KL of each step."""
+    g = torch.Generator().manual_seed(0)
+    x0, kls = torch.randn(32, 1, 8, 8, generator=g), []
+    for _ in range(n):
+        t = sampler.sample(x0, generator=g)
+        kls.append(sampler._learn(x0, t, scale * torch.randn(32, generator=g))["kl_step"])
+    return kls
+
+
+def test_max_kl_caps_every_policy_update():
+    """With MaxKLSampler the batch-mean KL of every policy step stays within it, where the released
+    settings let noise rewards swing the policy by far more."""
+    torch.manual_seed(0)
+    free = noise_rewards(ats.AdaptiveTimestepSampler(100, vlb_fn=None, in_channels=1), 4)
+    torch.manual_seed(0)
+    capped = noise_rewards(bench.MaxKLSampler(100, None, 1), 4)
+    assert max(free) > 0.1 and max(capped) <= 0.01
+
+
+def test_policy_warmup_ramps_the_learning_rate():
+    """WarmupSampler with warmup W sets the policy's learning rate to lr (n + 1) / W at its n-th
+    update, then lr."""
+    s = bench.WarmupSampler(50, vlb_fn=None, in_channels=1, policy_lr=0.01)
+    s.warmup = 4
+    lrs = []
+    for _ in range(6):
+        noise_rewards(s, 1)
+        lrs.append(s.opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+
+
+def test_reward_norm_makes_the_step_independent_of_the_rewards_scale():
+    """With RewardNormSampler, rewards scaled by 1e4 move the policy as the unscaled ones do
+    (without it, they do not)."""
+    x0, policies = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), {}
+    for norm in (False, True):
+        for scale in (1e-4, 1.0):
+            torch.manual_seed(0)
+            cls = bench.RewardNormSampler if norm else ats.AdaptiveTimestepSampler
+            s = cls(50, vlb_fn=None, in_channels=1)
+            noise_rewards(s, 3, scale=scale)
+            policies[norm, scale] = s.probs(x0)
+    torch.testing.assert_close(policies[True, 1e-4], policies[True, 1.0], rtol=1e-3, atol=1e-6)
+    assert (policies[False, 1e-4] - policies[False, 1.0]).abs().max() > 1e-3

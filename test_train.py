@@ -85,8 +85,8 @@ def test_help_lists_every_setting_with_its_default(capsys):
 @pytest.mark.parametrize("flags, match", [
     (["--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
     (["--T", "1"], "T must be in [2, 100000]"), (["--T", "1000000000"], "T must be in [2, 100000]"),
-    (["--num-selected", "60"], "num_selected (|S|) must be in [1, 50], the number of swept"),
-    (["--update-every", "0"], "update_every (f_S) and probe_batch must be at least 1"),
+    (["--num-selected", "60"], "num_selected (|S|) in [1, 50]"),
+    (["--update-every", "0"], "update_every must be an integer of at least 1"),
     (["--lr", "nan"], "lr must be in (0, 1]"), (["--lr", "1e308"], "lr must be in (0, 1]"),
     (["--policy-lr", "-1"], "policy_lr must be in (0, 1]"),
     (["--policy-lr", "1e308"], "policy_lr must be in (0, 1]"),
@@ -206,12 +206,12 @@ def test_flags_this_run_never_reads_are_warned(tmp_path, capsys):
     naming it and what uses it; flags that are read get none."""
     out = ["--out-dir", str(tmp_path)]
     train.configure(["--sampler", "uniform", "--snr-gamma", "3", "--lognormal-std", "2",
-                     "--policy-lr", "0.1", "--max-kl", "0.5", *out])
+                     "--policy-lr", "0.1", "--sweep-stride", "5", *out])
     assert capsys.readouterr().err.splitlines() == [
         "warning: --snr-gamma does nothing in this run: only --weighting min-snr uses it",
         "warning: --lognormal-std does nothing in this run: only --sampler lognormal uses it",
         "warning: --policy-lr does nothing in this run: only --sampler ats uses it",
-        "warning: --max-kl does nothing in this run: only --sampler ats uses it"]
+        "warning: --sweep-stride does nothing in this run: only --sampler ats uses it"]
     train.configure(["--weighting", "min-snr", "--snr-gamma", "3", "--policy-lr", "0.1", *out])
     train.configure(["--sampler", "lognormal", "--lognormal-mean", "0", *out])
     assert capsys.readouterr().err == ""

@@ -132,9 +132,6 @@ class Config:
     policy_grad_clip: float = opt(1.0, "gradient-norm clip of the ATS policy")
     probe_batch: int = opt(256, "forwards per chunk in the ATS probe")
     sweep_stride: int = opt(1, "k: the ATS probe sweeps t = 0, k, 2k, ... (1: all T, the paper's)")
-    policy_warmup: int = opt(0, "ATS policy learning-rate ramp over this many updates; 0: none")
-    max_kl: float = opt(0.0, "cap on the batch-mean KL of one ATS policy update; 0: none")
-    reward_norm: bool = opt(False, "divide each ATS update's rewards by their RMS")
     lognormal_mean: float = opt(-1.2, "P_mean of --sampler lognormal (log sigma)")
     lognormal_std: float = opt(1.2, "P_std of --sampler lognormal")
     snr_gamma: float = opt(5.0, "gamma of --weighting min-snr")
@@ -259,8 +256,8 @@ def check(cfg, world):
 ONLY_WITH = {"snr_gamma": ("weighting", "min-snr"), "lognormal_mean": ("sampler", "lognormal"),
              "lognormal_std": ("sampler", "lognormal"),
              **dict.fromkeys(("update_every", "num_selected", "queue_size", "policy_lr",
-                              "entropy_coef", "policy_grad_clip", "probe_batch", "sweep_stride",
-                              "policy_warmup", "max_kl", "reward_norm"), ("sampler", "ats"))}
+                              "entropy_coef", "policy_grad_clip", "probe_batch", "sweep_stride"),
+                             ("sampler", "ats"))}
 
 
 def warn_unused(cfg, explicit):
@@ -321,7 +318,7 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
     model = ats.UNet(in_ch=cfg.channels, ch=cfg.ch, ch_mult=ints(cfg.ch_mult, "--ch-mult"),
                      num_res=cfg.num_res, attn_res=ints(cfg.attn_res, "--attn-res"),
                      dropout=cfg.dropout, image_size=cfg.image_size).to(device)
-    diffusion = ats.GaussianDiffusion(T=cfg.T, schedule=cfg.schedule, var_type=cfg.var_type,
+    diffusion = ats.GaussianDiffusion(ats.make_betas(cfg.schedule, cfg.T), var_type=cfg.var_type,
                                       prediction=cfg.prediction)
     diffusion = diffusion.to(device)
     if cfg.sampler == "ats":
@@ -330,8 +327,7 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
             model=model, update_every=cfg.update_every, num_selected=cfg.num_selected,
             queue_size=cfg.queue_size, policy_lr=cfg.policy_lr, entropy_coef=cfg.entropy_coef,
             policy_grad_clip=cfg.policy_grad_clip, probe_batch=cfg.probe_batch,
-            sweep_stride=cfg.sweep_stride, policy_warmup=cfg.policy_warmup, max_kl=cfg.max_kl,
-            reward_norm=cfg.reward_norm, seed=cfg.seed, device=device)
+            sweep_stride=cfg.sweep_stride, seed=cfg.seed, device=device)
     else:
         sampler = heuristics.make_sampler(cfg.sampler, cfg.T, diffusion.abar.cpu(),
                                           cfg.lognormal_mean, cfg.lognormal_std)
@@ -401,7 +397,7 @@ def train(cfg, ckpt, identity, device, rank, world):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        trainer.diffusion.ddim_timesteps(cfg.sample_steps)              # grids and FID use it
+        ats.ddim_timesteps(cfg.T, cfg.sample_steps)              # grids and FID use it
     except ValueError as e:
         raise SystemExit(f"error: --sample-steps: {e}") from None
     # FID: torch-fidelity, its weights and the reference are checked now, not after hours
@@ -551,7 +547,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owns_group = True
-    rank, world = ats.world()
+    rank, world = ats.rank_and_size()
     code = None
     try:
         train(cfg, ckpt, identity, device, rank, world)
