@@ -915,21 +915,7 @@ class Trainer:
         """
         batches = iter(batches)
         while self.step < steps:
-            self.batch = next(batches).to(self.device, non_blocking=True)  # kept for check_loss
-            yield self.train_step(self.batch)
-
-    @torch.no_grad()
-    def check_loss(self, x0):
-        """Unweighted L_simple of the current weights on x0 (eval mode, uniform t): a float.
-
-        Its own generator, seeded by the step, leaves the training streams untouched.
-        """
-        gen = torch.Generator(self.device).manual_seed(self.step)
-        with evaluating(self.model):
-            t = torch.randint(0, self.diffusion.T, x0.shape[:1], generator=gen, device=self.device)
-            noise = torch.randn(x0.shape, generator=gen, device=self.device)
-            with autocast(self.device, self.amp):
-                return self.diffusion.loss(self.model, x0.to(self.device), t, noise).mean().item()
+            yield self.train_step(next(batches).to(self.device, non_blocking=True))
 
     def state_dict(self):
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),

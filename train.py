@@ -12,52 +12,21 @@ Every knob is a field of Config; --help lists them all. An explicitly given flag
 On --resume only the flags in RESUMABLE may change; any other that differs is refused.
 """
 
-import signal
-import sys
-
-
-def interrupted_while_starting(signum, frame):
-    """A signal before the first step: one line and exit 130, nothing written."""
-    try:                                          # after SIGHUP the terminal may be gone
-        print(f"interrupted while starting ({signal.Signals(signum).name}), before the first "
-              "step: nothing was saved or changed", file=sys.stderr)
-    except OSError:
-        pass
-    raise SystemExit(130)
-
-
-if __name__ == "__main__":  # a signal while torch loads: one line, not an import traceback
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, interrupted_while_starting)
-
 import argparse
-import contextlib
-import gc
-import importlib.util
+import fcntl
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
+import torchvision
 
 import ats
-import heuristics
-from data import UnreadableImage, augment, batch_indices, batches, load_data
-from pictures import SamplerLog, fid_samples, plot_metrics, save_grid, save_heatmap
-from safety import (
-    Interrupt,
-    agree,
-    check_weights,
-    claim_out_dir,
-    file_identity,
-    kept,
-    memory_for,
-    peer_lost,
-    save,
-)
+import baselines
 
 # -------------------------------------------------------------------------------------------------
 # Config: one dataclass, argparse generated from it, presets as named overrides
@@ -84,7 +53,7 @@ class Config:
     # run
     preset: str = opt("cifar10", "named set of overrides, applied under explicit flags",
                       choices=tuple(PRESETS))
-    out_dir: str = opt("runs/cifar10", "folder for ckpt.pt, grids, log.jsonl, plots, config.json")
+    out_dir: str = opt("runs/cifar10", "folder for ckpt.pt, log.jsonl, grids and sampler.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt (only RESUMABLE flags may change)")
     steps: int = opt(800_000, "total training steps")
     seed: int = opt(0, "seed for init, data order, t, noise and the probe")
@@ -99,9 +68,7 @@ class Config:
     channels: int = opt(3, "image channels")
     hflip: bool = opt(True, "random horizontal flips")
     synthetic_n: int = opt(10_000, "number of synthetic images")
-    on_device: str = opt("auto", "keep the decoded dataset in device memory; auto: if it takes "
-                         "<= 25%%", choices=("auto", "yes", "no"))
-    workers: int = opt(4, "data-loading worker processes (when the data is not on the device)")
+    workers: int = opt(4, "data-loading worker processes for --dataset folder")
     # diffusion and U-Net
     T: int = opt(1000, "diffusion timesteps")
     schedule: str = opt("quad", "beta schedule", choices=("linear", "quad", "cosine"))
@@ -121,9 +88,9 @@ class Config:
     grad_clip: float = opt(1.0, "gradient-norm clip")
     ema_decay: float = opt(0.9999, "EMA decay of the weights used for samples")
     # timestep sampler and loss weighting
-    sampler: str = opt("ats", "timestep sampler: ATS or a heuristic",
-                       choices=("ats", *heuristics.SAMPLERS))
-    weighting: str = opt("none", "weight on the per-sample L_simple", choices=heuristics.WEIGHTINGS)
+    sampler: str = opt("ats", "timestep sampler: ATS or a baseline",
+                       choices=("ats", *baselines.SAMPLERS))
+    weighting: str = opt("none", "weight on the per-sample L_simple", choices=baselines.WEIGHTINGS)
     update_every: int = opt(40, "f_S: ATS sampler update every this many steps")
     num_selected: int = opt(3, "|S|: timesteps in the ATS reward")
     queue_size: int = opt(20, "Q: queue of T-sweeps for the ATS feature selection")
@@ -138,35 +105,27 @@ class Config:
     # outputs
     log_every: int = opt(100, "steps between log lines")
     ckpt_every: int = opt(5000, "steps between checkpoints (one is also written at the end)")
-    milestone_every: int = opt(0, "steps between kept copies ckpt_<step>.pt; 0: none")
-    sample_every: int = opt(10_000, "steps between EMA sample grids and plots (also at the end)")
+    sample_every: int = opt(10_000, "steps between sample grids and sampler.png (and at the end)")
     sample_n: int = opt(64, "images in each grid")
     sample_steps: int = opt(100, "DDIM steps for the grids and FID samples")
     heatmap_height: int = opt(256, "pixel height of the sampler heatmap")
-    heatmap_range: float = opt(10.0, "heatmap colours span pi(t) from uniform/R to uniform*R")
     fid_every: int = opt(0, "steps between FID/KID evaluations of the EMA weights (also at the "
                          "end; needs torch-fidelity); 0: none")
     fid_n: int = opt(10_000, "DDIM samples per FID evaluation, split over the processes")
     fid_ref: str = opt("auto", "FID reference: cifar10-train, a folder of real images, or auto "
                        "(cifar10-train for cifar10, --data-dir for folder)")
-    fid_batch: int = opt(500, "images per sampling batch in an FID evaluation")
 
 
 # What may change on --resume; every other flag must match the stored run.
-RESUMABLE = {"resume", "out_dir", "steps", "device", "amp", "compile", "workers", "on_device", "lr",
-             "policy_lr", "log_every", "ckpt_every", "milestone_every", "sample_every", "sample_n",
-             "sample_steps", "heatmap_height", "heatmap_range", "fid_every", "fid_n", "fid_ref",
-             "fid_batch"}
+RESUMABLE = {"resume", "out_dir", "steps", "device", "amp", "compile", "workers", "lr",
+             "policy_lr", "log_every", "ckpt_every", "sample_every", "sample_n", "sample_steps",
+             "heatmap_height", "fid_every", "fid_n", "fid_ref"}
 
 
 def parse_args(argv=None):
     """The flags given explicitly on the command line, as a dict; argparse comes from Config."""
-    presets = "; ".join(f"{name} = " + (", ".join(f"{k}={v}" for k, v in over.items())
-                                         or "the defaults") for name, over in PRESETS.items())
-    resumable = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(RESUMABLE))
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"presets: {presets}. On --resume only these may change: {resumable}.")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         kw = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
@@ -180,132 +139,118 @@ def resolve(explicit):
     return Config(**{**PRESETS[explicit.get("preset", Config.preset)], **explicit})
 
 
-def parse_config(argv=None):
-    """The Config that a command line gives (before any --resume)."""
-    return resolve(parse_args(argv))
-
-
-def config_from_dict(d):
-    """Config from a stored dict (config.json or a checkpoint); unknown keys are ignored."""
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in names})
-
-
-def ints(text, flag):
-    """'1,2,2' -> (1, 2, 2); '' -> (). An empty or non-integer item is refused."""
-    if not text.strip():
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise SystemExit(f"error: {flag} expects comma-separated integers such as 1,2,2, "
-                         f"got {text!r}") from None
-
-
-def fid_reference(cfg):
-    """What --fid-ref auto means for this dataset; None if there is no natural reference."""
-    if cfg.fid_ref != "auto":
-        return cfg.fid_ref
-    return {"cifar10": "cifar10-train", "folder": cfg.data_dir}.get(cfg.dataset)
-
-
-def check(cfg, world):
-    """Refuse impossible run settings with one line each, before anything is built or written.
-    The model, diffusion, sampler and trainer check their own arguments when build() makes them."""
-    ints(cfg.ch_mult, "--ch-mult")
-    ints(cfg.attn_res, "--attn-res")
-    problems = [
-        (cfg.batch_size < 1 or cfg.batch_size % world,
-         f"--batch-size {cfg.batch_size} must be a positive multiple of the {world} process(es)"),
-        (min(cfg.steps, cfg.log_every, cfg.ckpt_every, cfg.sample_every, cfg.sample_n,
-             cfg.heatmap_height, cfg.synthetic_n, cfg.fid_batch) < 1,
-         "--steps, --synthetic-n, --sample-n, --heatmap-height, --fid-batch and the --*-every "
-         "intervals must be at least 1"),
-        (min(cfg.workers, cfg.milestone_every, cfg.fid_every) < 0,
-         "--workers, --milestone-every and --fid-every must be >= 0"),
-        (cfg.fid_n < 4, "--fid-n must be at least 4"),
-        (not 0 <= cfg.seed < 2**62, "--seed must be in [0, 2^62)"),
-        (cfg.sample_n > 1024, "--sample-n is the grid's size, at most 1024: sample.py makes more"),
-        (cfg.heatmap_height > 4096, "--heatmap-height must be at most 4096 (pixels)"),
-        (not (math.isfinite(cfg.heatmap_range) and cfg.heatmap_range > 1),
-         "--heatmap-range must be above 1"),
-        (cfg.dataset == "cifar10" and cfg.channels != 3, "cifar10 is RGB: use --channels 3"),
-        (cfg.dataset == "folder" and cfg.channels not in (1, 3),
-         "--dataset folder reads grey (1) or RGB (3) images"),
-        (cfg.dataset == "folder" and not os.path.isdir(cfg.data_dir),
-         f"--data-dir {cfg.data_dir!r} does not exist or is not a folder"),
-        (not cfg.out_dir.strip(), "--out-dir is empty: name a folder"),
-        (cfg.fid_every > 0 and fid_reference(cfg) is None,
-         f"--fid-every on --dataset {cfg.dataset} needs --fid-ref, a folder of real images"),
-        (cfg.weighting != "none" and cfg.prediction != "eps",
-         f"--weighting {cfg.weighting} is written for eps-prediction: use --prediction eps, or "
-         "--weighting none"),
-        (not (math.isfinite(cfg.snr_gamma) and cfg.snr_gamma > 0),
-         f"--snr-gamma must be positive, got {cfg.snr_gamma}"),
-        (not (math.isfinite(cfg.lognormal_std) and cfg.lognormal_std > 0
-              and math.isfinite(cfg.lognormal_mean)),
-         f"--lognormal-std must be positive and --lognormal-mean finite, got {cfg.lognormal_std} "
-         f"and {cfg.lognormal_mean}"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise SystemExit(f"error: {message}")
-
-
-# Flags that only one sampler or weighting reads: flag -> (the setting, the value that reads it).
-ONLY_WITH = {"snr_gamma": ("weighting", "min-snr"), "lognormal_mean": ("sampler", "lognormal"),
-             "lognormal_std": ("sampler", "lognormal"),
-             **dict.fromkeys(("update_every", "num_selected", "queue_size", "policy_lr",
-                              "entropy_coef", "policy_grad_clip", "probe_batch", "sweep_stride"),
-                             ("sampler", "ats"))}
-
-
-def warn_unused(cfg, explicit):
-    """One warning line (from rank 0) for each flag given explicitly that this run never reads."""
-    if int(os.environ.get("RANK", 0)) > 0:
-        return
-    for name in explicit:
-        setting, value = ONLY_WITH.get(name, (None, None))
-        if setting and getattr(cfg, setting) != value:
-            print(f"warning: --{name.replace('_', '-')} does nothing in this run: only "
-                  f"--{setting} {value} uses it", file=sys.stderr, flush=True)
+def ints(text):
+    """'1,2,2' -> (1, 2, 2); '' -> ()."""
+    return tuple(int(v) for v in text.split(",")) if text.strip() else ()
 
 
 def configure(argv):
-    """The config (a resumed run's is its stored one plus the RESUMABLE flags) and the checkpoint,
-    if any, with the checkpoint file's identity. Checked here, before anything is written."""
+    """The run's config and, on --resume, its checkpoint, checked before anything is written."""
     explicit = parse_args(argv)
     cfg = resolve(explicit)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.resume:
         if os.path.exists(path):
-            raise SystemExit(f"error: {path} exists: pass --resume to continue that run, or choose "
+            raise ValueError(f"{path} exists: pass --resume to continue that run, or choose "
                              "another --out-dir")
-        warn_unused(cfg, explicit)
-        return cfg, None, None
+        return cfg, None
     try:
-        identity = file_identity(path)
         ckpt = ats.load_checkpoint(path)
     except ats.CheckpointError as e:
-        raise SystemExit(f"error: cannot resume: {e}") from None
-    stored = config_from_dict(ckpt["config"])
+        raise ValueError(f"cannot resume: {e}") from None
+    stored = Config(**ckpt["config"])
     for name, value in explicit.items():
         if name not in RESUMABLE and value != getattr(stored, name):
-            flag = "--" + name.replace("_", "-")
-            may = ", ".join(sorted(RESUMABLE - {"resume", "out_dir"}))
-            raise SystemExit(f"error: {flag} {value} differs from the stored run's {name} = "
-                             f"{getattr(stored, name)!r}; on --resume only {may} may change")
-    cfg = Config(**{**asdict(stored), **{k: v for k, v in explicit.items() if k in RESUMABLE},
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the stored run's "
+                             f"{getattr(stored, name)!r}; on --resume only "
+                             f"{', '.join(sorted(RESUMABLE - {'resume', 'out_dir'}))} may change")
+    cfg = Config(**{**asdict(stored), **{k: explicit[k] for k in RESUMABLE & explicit.keys()},
                     "out_dir": cfg.out_dir, "resume": True})
     if cfg.steps <= ckpt["step"]:
-        raise SystemExit(f"error: the run is already at step {ckpt['step']}: pass --steps above "
-                         "that to continue")
-    warn_unused(cfg, explicit)
-    return cfg, ckpt, identity
+        raise ValueError(f"{path} is at step {ckpt['step']}: pass a --steps above it")
+    return cfg, ckpt
 
 
 # -------------------------------------------------------------------------------------------------
-# Model, sampler and trainer
+# Data: uint8 images decoded once, a resumable batch order, flips
+# -------------------------------------------------------------------------------------------------
+
+
+def synthetic_shapes(n, size, channels, seed):
+    """n images of a disc and a square on gradient backgrounds, from `seed` alone:
+    uint8 (n, C, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, 1, 1, generator=g)        # (..., 1, 1): per image
+    centres = (torch.arange(size) + 0.5) / size
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    img = rand(n, channels) * (1 - yy) + rand(n, channels) * yy         # (n, C, H, W): gradient
+    for square in (False, True):
+        cx, cy, r = 0.2 + 0.6 * rand(n, 1), 0.2 + 0.6 * rand(n, 1), 0.1 + 0.2 * rand(n, 1)
+        dx, dy = (xx - cx).abs(), (yy - cy).abs()
+        inside = torch.maximum(dx, dy) < r if square else dx**2 + dy**2 < r**2
+        img = torch.where(inside, rand(n, channels), img)
+    return (img * 255).round().to(torch.uint8)
+
+
+def load_images(cfg):
+    """The training set as a uint8 (N, C, H, W) tensor (CIFAR-10, synthetic) or a dataset of
+    uint8 (C, H, W) images read by DataLoader workers (a folder)."""
+    if cfg.dataset == "synthetic":
+        return synthetic_shapes(cfg.synthetic_n, cfg.image_size, cfg.channels, cfg.seed)
+    tv = torchvision.transforms
+    if cfg.dataset == "folder":
+        grey = (lambda im: im.convert("L")) if cfg.channels == 1 else (lambda im: im.convert("RGB"))
+        data = torchvision.datasets.ImageFolder(cfg.data_dir, tv.Compose([
+            grey, tv.Resize(cfg.image_size), tv.CenterCrop(cfg.image_size), tv.PILToTensor()]),
+            allow_empty=True)
+        if len(data) == 0:
+            raise ValueError(f"no images under --data-dir {cfg.data_dir!r}: images go in its "
+                             "subfolders (any names)")
+        return data
+    try:
+        data = torchvision.datasets.CIFAR10(cfg.data_dir, train=True, download=True)
+    except Exception as e:  # no network, a proxy, a corrupt tarball: all end the same way
+        raise ValueError(f"CIFAR-10 is not in {cfg.data_dir!r} and could not be downloaded "
+                         f"({type(e).__name__}): put cifar-10-python.tar.gz from https://www.cs."
+                         "toronto.edu/~kriz/cifar.html there, or use --dataset synthetic") from None
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2)            # (50000, 3, 32, 32) uint8
+    return tv.Resize(cfg.image_size, antialias=True)(images) if cfg.image_size != 32 else images
+
+
+def batches(cfg, data, trainer, rank, world):
+    """Endless batches in [-1, 1] on the trainer's device, from trainer.step on. Epoch e is
+    DistributedSampler's order e, so a resumed run continues in place; flips are drawn from the
+    trainer's (checkpointed) generator."""
+    per_rank, device = cfg.batch_size // world, trainer.device
+    order = torch.utils.data.DistributedSampler(range(len(data)), world, rank, seed=cfg.seed,
+                                                drop_last=True)
+    per_epoch = len(order) // per_rank
+    if per_epoch == 0:
+        raise ValueError(f"{len(data)} images are fewer than one batch of {cfg.batch_size}")
+    if isinstance(data, torch.Tensor):
+        data = data.to(device)
+    epoch, skip = divmod(trainer.step, per_epoch)
+    while True:
+        order.set_epoch(epoch)
+        idx = list(order)
+        chunks = [idx[b * per_rank:(b + 1) * per_rank] for b in range(skip, per_epoch)]
+        if isinstance(data, torch.Tensor):
+            stream = (data[torch.tensor(i, device=device)] for i in chunks)
+        else:
+            stream = torch.utils.data.DataLoader(
+                data, batch_sampler=chunks, num_workers=cfg.workers,
+                collate_fn=lambda items: torch.stack([x for x, _ in items]))
+        for x in stream:
+            x0 = x.to(device).float() / 127.5 - 1                      # (B, C, H, W) in [-1, 1]
+            if cfg.hflip:
+                flip = torch.rand(len(x0), 1, 1, 1, generator=trainer.generator, device=device)
+                x0 = torch.where(flip < 0.5, x0.flip(3), x0)
+            yield x0
+        epoch, skip = epoch + 1, 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Build: the U-Net, its diffusion, the timestep sampler and the Trainer
 # -------------------------------------------------------------------------------------------------
 
 
@@ -315,12 +260,11 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":  # fp32 matmuls (the probe's attention) use TF32, as cuDNN convs do
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = ats.UNet(in_ch=cfg.channels, ch=cfg.ch, ch_mult=ints(cfg.ch_mult, "--ch-mult"),
-                     num_res=cfg.num_res, attn_res=ints(cfg.attn_res, "--attn-res"),
-                     dropout=cfg.dropout, image_size=cfg.image_size).to(device)
+    model = ats.UNet(in_ch=cfg.channels, ch=cfg.ch, ch_mult=ints(cfg.ch_mult), num_res=cfg.num_res,
+                     attn_res=ints(cfg.attn_res), dropout=cfg.dropout,
+                     image_size=cfg.image_size).to(device)
     diffusion = ats.GaussianDiffusion(ats.make_betas(cfg.schedule, cfg.T), var_type=cfg.var_type,
-                                      prediction=cfg.prediction)
-    diffusion = diffusion.to(device)
+                                      prediction=cfg.prediction).to(device)
     if cfg.sampler == "ats":
         sampler = sampler_cls(
             cfg.T, lambda x0, t, noise: diffusion.vlb_terms(model, x0, t, noise), cfg.channels,
@@ -329,245 +273,273 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
             policy_grad_clip=cfg.policy_grad_clip, probe_batch=cfg.probe_batch,
             sweep_stride=cfg.sweep_stride, seed=cfg.seed, device=device)
     else:
-        sampler = heuristics.make_sampler(cfg.sampler, cfg.T, diffusion.abar.cpu(),
-                                          cfg.lognormal_mean, cfg.lognormal_std)
-    weights = heuristics.loss_weights(cfg.weighting, diffusion.abar.cpu(), snr_gamma=cfg.snr_gamma)
-    trainer = ats.Trainer(model, diffusion, sampler, lr=cfg.lr, warmup=cfg.warmup,
-                          grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, amp=cfg.amp,
-                          compile=cfg.compile, loss_weights=weights, seed=cfg.seed, **trainer_kw)
-    return trainer
+        sampler = baselines.make_sampler(cfg.sampler, cfg.T, diffusion.abar.cpu(),
+                                         cfg.lognormal_mean, cfg.lognormal_std)
+    if cfg.weighting != "none" and cfg.prediction != "eps":
+        raise ValueError(f"--weighting {cfg.weighting} is written for eps-prediction")
+    weights = baselines.loss_weights(cfg.weighting, diffusion.abar.cpu(), snr_gamma=cfg.snr_gamma)
+    return ats.Trainer(model, diffusion, sampler, lr=cfg.lr, warmup=cfg.warmup,
+                       grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, amp=cfg.amp,
+                       compile=cfg.compile, loss_weights=weights, seed=cfg.seed, **trainer_kw)
 
 
 # -------------------------------------------------------------------------------------------------
-# Evaluation and logging: FID over training, the log line (pictures.py draws the rest)
+# What a run writes besides checkpoints: the log line, grids, the policy heatmap
 # -------------------------------------------------------------------------------------------------
 
 
-def evaluate_fid(cfg, trainer, scorer, rank, world, log_file):
-    """FID and KID of the EMA weights: sampled on every rank, scored and logged by rank 0."""
-    import fid
-    tic = time.time()
-    if rank == 0:
-        print(f"step {trainer.step}/{cfg.steps} | FID: {cfg.fid_n} EMA samples, DDIM-"
-              f"{cfg.sample_steps} ...", flush=True)
-    with memory_for("--fid-batch"):
-        images = fid_samples(cfg, trainer, rank, world)
-    if rank > 0:
-        return
-    try:
-        result = scorer(images)
-    except fid.FidError as e:  # one line; the checkpoint of this step is already safe
-        raise SystemExit(f"error: FID at step {trainer.step}: {e}") from None
-    record = {"step": trainer.step, "fid": result["fid"], "kid": result["kid"],
-              "kid_std": result["kid_std"], "fid_n": result["n"], "fid_ref": result["reference"],
-              "fid_seconds": round(time.time() - tic, 1)}
-    print(f"step {trainer.step}/{cfg.steps} | FID {record['fid']:.3f} | KID {record['kid']:.5f} ± "
-          f"{record['kid_std']:.5f} | {record['fid_n']} samples against {record['fid_ref']}, "
-          f"DDIM-{cfg.sample_steps}, {record['fid_seconds']:.0f} s", flush=True)
+class SamplerLog:
+    """Where the ATS policy put its mass: the last update's summary, and a thinned history of
+    pi(t) for the heatmap (every `every`-th update, halved when it outgrows `rows`)."""
+
+    def __init__(self, rows, state=None):
+        self.rows, self.history, self.every, self.summary = rows, [], 1, {}
+        if state:
+            self.history, self.every, self.summary = state["history"], state["every"], state[
+                "summary"]
+
+    def record(self, step, stats, update_every):
+        p, T = stats["p"], len(stats["p"])
+        self.summary = {"mean_t": float((p * torch.arange(T)).sum()), "S": stats["S"],
+                        "quarters": [round(float(q.sum()), 3) for q in p.chunk(4)],
+                        **{k: stats[k] for k in ("reward", "reward_rms", "kl_step", "kl_uniform")}}
+        if step // update_every % self.every == 0:
+            self.history.append(p)
+            if len(self.history) > self.rows:
+                self.history, self.every = self.history[::2], 2 * self.every
+
+    def state_dict(self):
+        return {"history": self.history, "every": self.every, "summary": self.summary}
+
+
+HEAT = torch.tensor([[0.0, 0.0, 0.2], [0.1, 0.3, 0.8], [0.9, 0.9, 0.9], [0.95, 0.5, 0.1],
+                     [1.0, 1.0, 0.3]])                       # colour ramp: dark, uniform, bright
+
+
+def save_heatmap(history, path, height, spread=10.0):
+    """pi(t) over training: rows are sampler updates (first at the top), columns t; the colour
+    is log(pi(t) T) on [-log spread, log spread], uniform mid-ramp."""
+    p = torch.stack(history).float()                                    # (updates, T)
+    pos = (((p * p.shape[1]).log() / math.log(spread) + 1) / 2).clamp(0, 1) * (len(HEAT) - 1)
+    i = pos.floor().long().clamp(max=len(HEAT) - 2)
+    w = (pos - i)[..., None]
+    rgb = (HEAT[i] * (1 - w) + HEAT[i + 1] * w).permute(2, 0, 1)        # (3, updates, T)
+    rgb = torch.nn.functional.interpolate(rgb[None], size=(height, p.shape[1]), mode="nearest")
+    torchvision.utils.save_image(rgb[0], path)
+
+
+@torch.no_grad()
+def save_grid(cfg, trainer, path):
+    """EMA samples by DDIM, from the same noise every time so that grids compare across steps."""
+    shape = (cfg.sample_n, cfg.channels, cfg.image_size, cfg.image_size)
+    with ats.autocast(trainer.device, cfg.amp):
+        x = ats.ddim_sample(trainer.diffusion, trainer.ema, shape, steps=cfg.sample_steps,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(cfg.sample_n)))
+
+
+def write_log(line, record, log_file):
+    """One console line and one JSON line of log.jsonl."""
+    print(line, flush=True)
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
 
 
-def log_line(cfg, step, loss, lr, ips, summary, log_file):
-    """One console line and one JSON line: step, loss, lr, images/s, ETA, where ATS looks."""
-    eta = (cfg.steps - step) * cfg.batch_size / ips
+def log_step(cfg, step, loss, lr, ips, summary, log_file):
+    """The log line: step, loss, images/s, ETA, and where ATS looks."""
+    eta = round((cfg.steps - step) * cfg.batch_size / ips)
     line = (f"step {step}/{cfg.steps} | loss {loss:.4f} | {ips:.0f} img/s | "
-            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+            f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
     if summary:
         line += (f" | mean t {summary['mean_t']:.0f} | quarters {summary['quarters']}"
-                 f" | update KL {summary.get('kl_step', 0):.3f}")
-    print(line, flush=True)
-    log_file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "img_per_s": ips,
-                               "sampler": summary}) + "\n")
-    log_file.flush()
+                 f" | update KL {summary['kl_step']:.3f}")
+    write_log(line, {"step": step, "loss": loss, "lr": lr, "img_per_s": ips, "sampler": summary},
+              log_file)
+
+
+def cut_log(path, step):
+    """Keep log.jsonl's records up to the checkpoint's step: a run killed after its last
+    checkpoint logged steps that the resumed run logs again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 # -------------------------------------------------------------------------------------------------
-# The run: build, restore, then the loop in the locked out-dir (safety.py guards it)
+# The run
 # -------------------------------------------------------------------------------------------------
 
 
-def train(cfg, ckpt, identity, device, rank, world):
-    """Build, restore and train; every check that can fail runs before the first write."""
-    check(cfg, world)
-    # Model, sampler and trainer: their constructors check every setting they are given
+def claim(out_dir):
+    """Create and lock the out-dir: one run at a time; the lock goes with the process."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, "lock"), "w")
     try:
-        with memory_for("--ch, --ch-mult, --num-res, --image-size or --T"):
-            trainer = build(cfg, device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        ats.ddim_timesteps(cfg.T, cfg.sample_steps)              # grids and FID use it
-    except ValueError as e:
-        raise SystemExit(f"error: --sample-steps: {e}") from None
-    # FID: torch-fidelity, its weights and the reference are checked now, not after hours
-    scorer = make_scorer(cfg, device) if cfg.fid_every and rank == 0 else None
-    # Data: decoded once, and kept on the device when it fits
-    with memory_for("--synthetic-n or --image-size" if cfg.dataset == "synthetic"
-                    else "--image-size, or pass --on-device never"):
-        data = load_data(cfg, device, rank, world)
-    # Resume: the trainer, the random streams and the sampler's record continue exactly
-    if ckpt is not None:
-        try:
-            trainer.load_state_dict(ckpt)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise SystemExit(f"error: the checkpoint does not fit this code ({type(e).__name__}): "
-                             "resume it with the version of ats that wrote it") from None
-    torch.manual_seed(cfg.seed + rank)                            # dropout: a stream per rank
-    if ckpt is not None and rank == 0:
-        ats.set_rng_state(ckpt["rng"])
-    log = SamplerLog(cfg.heatmap_height, ckpt["extra"].get("sampler_log") if ckpt else None)
-    indices = batch_indices(len(data), cfg.batch_size // world, rank, world, cfg.seed, trainer.step)
-    stream = augment(cfg, batches(cfg, data, indices, device), trainer.generator)
-    if rank == 0:
-        if importlib.util.find_spec("matplotlib") is None:
-            print("metrics.png skipped: matplotlib is not installed (pip install matplotlib); the "
-                  "numbers are in log.jsonl", flush=True)
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        where = " on the device" if isinstance(data, torch.Tensor) else ""
-        print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {cfg.sampler} sampler, {len(data)} "
-              f"images{where}, {world} process(es) on {device}, from step {trainer.step}",
-              flush=True)
-    # The loop, in the locked out-dir: Trainer.run takes the steps; between them, log, save, draw,
-    # score and watch for signals
-    lower = "--batch-size, --ch or --image-size" + (", or --probe-batch" if cfg.sampler == "ats"
-                                                     else "")
-    with (claim_out_dir(cfg, ckpt, identity, trainer, rank), Interrupt(world > 1) as interrupt,
-          memory_for(lower)):
-        try:
-            stop = loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world)
-        except FloatingPointError as e:                                # the ATS policy diverged
-            raise SystemExit(f"error: at step {trainer.step} {e}; stopped without saving, so "
-                             f"{cfg.out_dir}/ckpt.pt (if any) holds the last good checkpoint. "
-                             "Resume with a lower --policy-lr.") from None
-    if stop:
-        if rank == 0:
-            why = {"lost launcher": "the torchrun launcher is gone",
-                   None: "another rank received a signal"}.get(interrupt.reason,
-                                                               f"{interrupt.reason} received")
-            print(f"interrupted at step {trainer.step} ({why}): saved {cfg.out_dir}/ckpt.pt; "
-                  "continue with --resume", flush=True)
-        sys.exit(130)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"{out_dir} is in use by another training run: wait for it to end, or "
+                         "choose another --out-dir") from None
+    return lock
 
 
-def loop(cfg, ckpt, trainer, stream, log, scorer, interrupt, device, rank, world):
-    """Train to cfg.steps or to a signal; True if a signal stopped it (after saving)."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    saved = ckpt["step"] if ckpt else None                              # the step ckpt.pt holds
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    loss_sum, n, tic, agree_every, stop = torch.zeros((), device=device), 0, time.time(), 1, False
-    with log_file or contextlib.nullcontext(), peer_lost(trainer, lambda: kept(path, saved), world):
-        for loss in trainer.run(stream, cfg.steps):
-            step, loss_sum, n = trainer.step, loss_sum + loss, n + 1
-            if trainer.sampler_stats:
-                log.record(step - 1, trainer.sampler_stats, cfg.update_every)
-            if step % agree_every == 0:  # ranks agree on a signal every ~2 s, not every step
-                stop, agree_every = agree(interrupt.flag, time.time() - tic, n, device, world)
-            last = step == cfg.steps
-            due = {"log": step % cfg.log_every == 0,
-                   "ckpt": step % cfg.ckpt_every == 0 or last or stop,
-                   "grid": step % cfg.sample_every == 0 or last,
-                   "milestone": cfg.milestone_every > 0 and step % cfg.milestone_every == 0,
-                   "fid": cfg.fid_every > 0 and (step % cfg.fid_every == 0 or last) and not stop}
-            if not any(due.values()):
-                continue
-            mean = mean_over_ranks(loss_sum / n, world)                 # syncs: the time is real
-            if not math.isfinite(mean):
-                raise SystemExit(f"error: the loss became {mean} by step {step}; stopped without "
-                                 f"saving. {kept(path, saved)} Resume with a lower --lr, or try "
-                                 "--amp none.")
-            if due["ckpt"] or due["milestone"]:
-                check_weights(trainer, path, saved)
-            if rank == 0:
-                ips = n * cfg.batch_size / (time.time() - tic)
-                try:
-                    outputs(cfg, trainer, log, mean, ips, log_file, due, saved)
-                except OSError as e:  # a full disk, say, after the checkpoint was written
-                    now = step if due["ckpt"] else saved
-                    raise SystemExit(f"error: writing to {cfg.out_dir} failed at step {step} "
-                                     f"({e.strerror or e}). {kept(path, now)} Make room, then "
-                                     "--resume.") from None
-            saved = step if due["ckpt"] else saved
-            if due["fid"]:
-                evaluate_fid(cfg, trainer, scorer, rank, world, log_file)
-            if rank == 0 and (due["fid"] or due["grid"]):
-                plot_metrics(cfg.out_dir)
-            if due["log"] or due["fid"]:
-                loss_sum, n, tic = torch.zeros((), device=device), 0, time.time()
-            if stop:
-                break
-    return stop
-
-
-def mean_over_ranks(x, world):
-    """The mean of a tensor over the processes, as a float."""
-    return (ats.all_reduce(x) / world).item()
-
-
-def make_scorer(cfg, device):
-    """fid.Scorer for --fid-ref, checked now (package, weights, reference), or one error line."""
-    import fid
-    try:
-        return fid.Scorer(fid_reference(cfg), data_dir=cfg.data_dir, device=device)
-    except fid.FidError as e:
-        raise SystemExit(f"error: --fid-every: {e}") from None
-
-
-def outputs(cfg, trainer, log, loss, ips, log_file, due, saved):
-    """Rank 0's writing: the checkpoint (and milestone copy), the log line, grid and heatmap."""
-    extra = {"sampler_log": log.state_dict()}
-    if due["ckpt"]:
-        save(cfg, trainer, "ckpt.pt", extra, saved)
-    if due["milestone"]:
-        save(cfg, trainer, f"ckpt_{trainer.step:07d}.pt", extra, saved)
-    if due["log"]:
-        log_line(cfg, trainer.step, loss, trainer.sched.get_last_lr()[0], ips, log.summary,
-                 log_file)
-    if due["grid"]:
-        with memory_for("--sample-n"):
-            save_grid(cfg, trainer, os.path.join(cfg.out_dir, f"grid_{trainer.step:07d}.png"))
-        if log.history:
-            with memory_for("--heatmap-height"):
-                save_heatmap(log.history, os.path.join(cfg.out_dir, "sampler.png"),
-                             cfg.heatmap_height, cfg.heatmap_range, log.steps)
+def save(cfg, trainer, log):
+    """ckpt.pt, atomically, from rank 0, with the heatmap's history."""
+    ats.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), trainer, asdict(cfg),
+                        extra={"sampler_log": log.state_dict()})
 
 
 def main(argv=None):
-    """Configure, start the processes, train, and end with the run's exit code."""
+    """Configure, set up the processes, train to --steps or to a signal, and exit 0 (or 130)."""
     # Config: flags over the preset; on --resume, the stored run plus the RESUMABLE flags
-    cfg, ckpt, identity = configure(argv)
-    # Processes: one, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU)
-    local_rank, owns_group = int(os.environ.get("LOCAL_RANK", 0)), False
     try:
-        device = ats.pick_device(cfg.device, local_rank)
+        cfg, ckpt = configure(argv)
     except ValueError as e:
-        raise SystemExit(f"error: --device: {e}") from None
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun
+        raise SystemExit(f"error: {e}") from None
+    # Processes: one, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = ats.pick_device(cfg.device, local_rank)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        owns_group = True
     rank, world = ats.rank_and_size()
-    code = None
     try:
-        train(cfg, ckpt, identity, device, rank, world)
-    except SystemExit as e:                     # a one-line error, or 130 after a signal
-        code = e.code
-    except UnreadableImage as e:  # from a DataLoader worker: its message carries a traceback
-        code = "error: " + str(e)[str(e).rindex("cannot read image"):].strip()
-    # Done: the exception, its traceback and with them train()'s frames are gone now. A signal from
-    # here on (torchrun's SIGTERM after another rank stopped) is ignored: the run is ending anyway.
-    late = {s: signal.signal(s, signal.SIG_IGN) for s in Interrupt.SIGNALS}
-    if owns_group:
-        # The Trainer (a reference cycle, through its LR schedule) and its DDP module hold the
-        # process group. Collected first, they let destroy_process_group join gloo's threads; left
-        # to interpreter shutdown, a gloo thread can abort a finished run with SIGABRT.
-        gc.collect()
-        dist.destroy_process_group()
-    for s, handler in late.items():
-        signal.signal(s, handler)
-    if code not in (None, 0):
-        raise SystemExit(code)
+        stopped = train(cfg, ckpt, device, rank, world)
+    except (ValueError, ats.CheckpointError) as e:       # a setting, a dataset, a checkpoint
+        raise SystemExit(f"error: {e}") from None
+    except torch.OutOfMemoryError:
+        raise SystemExit("error: out of memory: lower --batch-size, --ch or --image-size (or "
+                         "--probe-batch, --fid-n)") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if stopped:
+        raise SystemExit(130)
+
+
+def train(cfg, ckpt, device, rank, world):
+    """Build, restore and train; True if a signal stopped the run (after saving)."""
+    if cfg.batch_size % world or min(cfg.steps, cfg.log_every, cfg.ckpt_every,
+                                     cfg.sample_every) < 1:
+        raise ValueError(f"--batch-size must be a multiple of the {world} process(es), and "
+                         "--steps and the --*-every intervals at least 1")
+    trainer = build(cfg, device)
+    ats.ddim_timesteps(cfg.T, cfg.sample_steps)                  # refuse bad --sample-steps now
+    fid = make_fid(cfg, device) if cfg.fid_every and rank == 0 else None
+    data = load_images(cfg)
+    lock = claim(cfg.out_dir) if rank == 0 else None
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        if rank == 0:
+            cut_log(os.path.join(cfg.out_dir, "log.jsonl"), ckpt["step"])
+    torch.manual_seed(cfg.seed + rank)                           # dropout: a stream per rank
+    if ckpt is not None and rank == 0:
+        ats.set_rng_state(ckpt["rng"])
+    log = SamplerLog(cfg.heatmap_height, ckpt["extra"]["sampler_log"] if ckpt else None)
+    if rank == 0:
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {cfg.sampler} sampler, "
+              f"{len(data)} images, {world} process(es) on {device}, from step {trainer.step}",
+              flush=True)
+    signals = {s: signal.signal(s, lambda *_: stop.append(True))
+               for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stop, log_file = [], open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    loss_sum, n, tic = 0.0, 0, time.time()
+    try:
+        for loss in trainer.run(batches(cfg, data, trainer, rank, world), cfg.steps):
+            # The step is taken. Log, checkpoint, draw and score between steps
+            step, loss_sum, n = trainer.step, loss_sum + loss, n + 1
+            if trainer.sampler_stats:
+                log.record(step - 1, trainer.sampler_stats, cfg.update_every)
+            stopping = any_rank(bool(stop), world, device) if step % 10 == 0 or world == 1 else 0
+            last = step == cfg.steps or stopping
+            if step % cfg.log_every and step % cfg.ckpt_every and step % cfg.sample_every \
+                    and not last and not (cfg.fid_every and step % cfg.fid_every == 0):
+                continue
+            mean = (ats.all_reduce(loss_sum / n) / world).item()       # syncs: the time is real
+            if not math.isfinite(mean):
+                raise ValueError(f"the loss became {mean} by step {step}; stopped without saving, "
+                                 f"so {cfg.out_dir}/ckpt.pt keeps the last good step. Resume with "
+                                 "a lower --lr, or try --amp none")
+            if rank == 0 and step % cfg.log_every == 0:
+                log_step(cfg, step, mean, trainer.sched.get_last_lr()[0],
+                         n * cfg.batch_size / (time.time() - tic), log.summary, log_file)
+                loss_sum, n, tic = 0.0, 0, time.time()
+            if rank == 0 and (step % cfg.ckpt_every == 0 or last):
+                save(cfg, trainer, log)
+            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                save_grid(cfg, trainer, os.path.join(cfg.out_dir, f"grid_{step:07d}.png"))
+                if log.history:
+                    save_heatmap(log.history, os.path.join(cfg.out_dir, "sampler.png"),
+                                 cfg.heatmap_height)
+            if cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps) and not stopping:
+                fid_score(cfg, trainer, fid, rank, world, log_file)
+            if stopping:
+                if rank == 0:
+                    print(f"interrupted at step {step}: saved {cfg.out_dir}/ckpt.pt; continue "
+                          "with --resume", flush=True)
+                return True
+    finally:
+        for s, handler in signals.items():
+            signal.signal(s, handler)
+        if log_file:
+            log_file.close()
+        if lock:
+            lock.close()
+    return False
+
+
+def any_rank(flag, world, device):
+    """Whether any process has the flag set (one all-reduce under torchrun)."""
+    if world == 1:
+        return flag
+    return ats.all_reduce(torch.tensor(float(flag), device=device)).item() > 0
+
+
+# -------------------------------------------------------------------------------------------------
+# FID over training: sample.py's scorer, on DDIM samples of the EMA weights split over the ranks
+# -------------------------------------------------------------------------------------------------
+
+
+def make_fid(cfg, device):
+    """sample.py's FID scorer for --fid-ref, checked now (package, weights, reference)."""
+    import sample
+    ref = cfg.fid_ref if cfg.fid_ref != "auto" else {"cifar10": "cifar10-train",
+                                                      "folder": cfg.data_dir}.get(cfg.dataset)
+    if ref is None:
+        raise ValueError(f"--fid-every on --dataset {cfg.dataset} needs --fid-ref, a folder of "
+                         "real images")
+    return sample.FID(ref, data_dir=cfg.data_dir, device=device)
+
+
+@torch.no_grad()
+def fid_score(cfg, trainer, fid, rank, world, log_file):
+    """cfg.fid_n EMA samples (image i from the noise of (seed, i)), made on every rank, scored
+    and logged by rank 0."""
+    per, shape = math.ceil(cfg.fid_n / world), (cfg.channels, cfg.image_size, cfg.image_size)
+    mine, parts = range(rank * per, min((rank + 1) * per, cfg.fid_n)), []
+    for start in range(0, len(mine), 500):
+        index = mine[start:start + 500]
+        with ats.autocast(trainer.device, cfg.amp):
+            x = ats.ddim_sample(trainer.diffusion, trainer.ema, (len(index), *shape),
+                                steps=cfg.sample_steps,
+                                generator=ats.image_generators(cfg.seed, index))
+        parts.append(((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8))
+    images = torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=torch.uint8)
+    if world > 1:
+        images = torch.cat([images, images.new_zeros((per - len(images), *shape))])
+        gathered = [torch.empty_like(images) for _ in range(world)]
+        dist.all_gather(gathered, images.to(trainer.device))
+        images = torch.cat(gathered)[:cfg.fid_n]
+    if rank == 0:
+        r = fid(images.cpu())
+        write_log(f"step {trainer.step}/{cfg.steps} | FID {r['fid']:.3f} | KID {r['kid']:.5f} | "
+                  f"{r['n']} EMA samples against {r['reference']}",
+                  {"step": trainer.step, "fid": r["fid"], "kid": r["kid"], "fid_n": r["n"]},
+                  log_file)
 
 
 if __name__ == "__main__":

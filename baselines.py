@@ -1,4 +1,4 @@
-"""The heuristics ATS is compared with: loss weightings and timestep samplers, one block per paper.
+"""The baselines ATS is compared with: loss weightings and timestep samplers, one block per paper.
 
 A weighting is a float32 [T] tensor w_t that multiplies the per-sample L_simple (DDPM's eps
 loss). A sampler has ats.py's sampler API (sample, weights, around_update, state_dict), so the
