@@ -18,7 +18,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 
 import pytest
@@ -31,9 +30,10 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's spin-waits cost 10x."""
+    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's spin-waits cost 10x;
+    session-wide, so that module fixtures run on one thread too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -127,11 +127,11 @@ def set_ab(sampler, a, b):
         last.bias.copy_((y + (-(-y).expm1()).log()).float())  # softplus^-1(y), stable for large y
 
 
-def make_trainer(sampler="ats", seed=0, T=50, **kw):
+def make_trainer(sampler="ats", seed=0, T=50, update_every=3, **kw):
     torch.manual_seed(seed)
     model = tiny_unet()
     d = ddpm(T)
-    s = ats_sampler(T, model, d, update_every=3, seed=seed) if sampler == "ats" else \
+    s = ats_sampler(T, model, d, update_every=update_every, seed=seed) if sampler == "ats" else \
         ats.UniformSampler(T)
     return ats.Trainer(model, d, s, lr=2e-3, warmup=5, ema_decay=0.9, seed=seed, **kw)
 
@@ -196,12 +196,9 @@ def stand_in_features(x):
 
 
 def use_stand_in_fid():
-    """Register the stand-in with torch-fidelity and make fid.py use it; returns the fid module.
-    Also for spawned worker processes, which do not see pytest's fixtures."""
+    """Register the stand-in with torch-fidelity; sample.FID then uses it."""
     import torch_fidelity
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    import fid
 
     class StandIn(torch_fidelity.FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
@@ -224,32 +221,16 @@ def use_stand_in_fid():
 
     if TEST_FEATURES not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(TEST_FEATURES, StandIn)
-    fid.FEATURE_EXTRACTOR = TEST_FEATURES
-    return fid
 
 
 @pytest.fixture
 def stand_in_fid(monkeypatch, tmp_path):
-    """fid.py with the stand-in in place of Inception, and torch-fidelity's cache in tmp_path."""
+    """sample.FID with the stand-in in place of Inception, torch-fidelity's cache in tmp_path."""
     pytest.importorskip("torch_fidelity")
-    import fid
-    monkeypatch.setattr(fid, "FEATURE_EXTRACTOR", fid.FEATURE_EXTRACTOR)   # restored afterwards
+    import sample
+    use_stand_in_fid()
+    monkeypatch.setattr(sample.FID, "feature_extractor", TEST_FEATURES)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    return use_stand_in_fid()
-
-
-def fid_unavailable(monkeypatch, tmp_path, missing):
-    """FID made impossible: 'torch-fidelity' not installed, or 'weights' not cached (TORCH_HOME
-    points into tmp_path) and not downloadable (the network is down)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    if missing == "torch-fidelity":
-        monkeypatch.setitem(sys.modules, "torch_fidelity", None)
-        return
-    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-
-    def offline(*a, **k):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
 
 
 def real_images(folder, n, size=8, seed=0, channels=1):

@@ -60,6 +60,7 @@ class FID:
         try:
             import torch_fidelity
             from torch_fidelity.utils import create_feature_extractor
+            from torch_fidelity.utils import resolve_feature_layer_for_metric as layer
         except ImportError:
             raise ValueError("FID needs torch-fidelity: pip install torch-fidelity") from None
         self.tf, self.reference = torch_fidelity, reference
@@ -71,7 +72,8 @@ class FID:
                 torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
             elif not os.path.isdir(reference):
                 raise ValueError(f"{reference!r} is neither a folder nor 'cifar10-train'")
-            create_feature_extractor(self.feature_extractor, ["2048"], cuda=False, verbose=False)
+            create_feature_extractor(self.feature_extractor, [layer(
+                "fid", feature_extractor=self.feature_extractor)], cuda=False, verbose=False)
         except Exception as e:  # no CIFAR-10 and no network, no Inception weights and no network
             raise ValueError(f"FID cannot run here ({type(e).__name__}: {str(e)[:200]}): the "
                              "reference must be readable, and torch-fidelity downloads its "
@@ -81,7 +83,8 @@ class FID:
         """FID and KID of a uint8 (N, C, H, W) tensor or a folder of images: a dict."""
         if torch.is_tensor(images):
             images = Images(images)
-        n = len(images) if isinstance(images, Images) else len(os.listdir(images))
+        n = len(images) if isinstance(images, Images) else sum(
+            f.lower().endswith((".png", ".jpg", ".jpeg")) for f in os.listdir(images))
         m = self.tf.calculate_metrics(input1=images, input2=self.reference, fid=True, kid=True,
                                       kid_subset_size=min(1000, n // 2), **self.kwargs)
         return {"fid": m[self.tf.KEY_METRIC_FID], "kid": m[self.tf.KEY_METRIC_KID_MEAN],

@@ -14,6 +14,7 @@ On --resume only the flags in RESUMABLE may change; any other that differs is re
 
 import argparse
 import fcntl
+import gc
 import json
 import math
 import os
@@ -199,6 +200,8 @@ def load_images(cfg):
         return synthetic_shapes(cfg.synthetic_n, cfg.image_size, cfg.channels, cfg.seed)
     tv = torchvision.transforms
     if cfg.dataset == "folder":
+        if not os.path.isdir(cfg.data_dir):
+            raise ValueError(f"--data-dir {cfg.data_dir!r} is not a folder")
         grey = (lambda im: im.convert("L")) if cfg.channels == 1 else (lambda im: im.convert("RGB"))
         data = torchvision.datasets.ImageFolder(cfg.data_dir, tv.Compose([
             grey, tv.Resize(cfg.image_size), tv.CenterCrop(cfg.image_size), tv.PILToTensor()]),
@@ -414,7 +417,8 @@ def main(argv=None):
         raise SystemExit("error: out of memory: lower --batch-size, --ch or --image-size (or "
                          "--probe-batch, --fid-n)") from None
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():   # the Trainer's reference cycle holds the group: collect it
+            gc.collect()            # first, or a gloo thread can abort the finished run
             dist.destroy_process_group()
     if stopped:
         raise SystemExit(130)
@@ -422,7 +426,7 @@ def main(argv=None):
 
 def train(cfg, ckpt, device, rank, world):
     """Build, restore and train; True if a signal stopped the run (after saving)."""
-    if cfg.batch_size % world or min(cfg.steps, cfg.log_every, cfg.ckpt_every,
+    if cfg.batch_size % world or min(cfg.batch_size, cfg.steps, cfg.log_every, cfg.ckpt_every,
                                      cfg.sample_every) < 1:
         raise ValueError(f"--batch-size must be a multiple of the {world} process(es), and "
                          "--steps and the --*-every intervals at least 1")

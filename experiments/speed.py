@@ -217,9 +217,10 @@ def parse_args(argv=None):
                         "--throughput of one f_S cycle of ATS, to this file")
     args = p.parse_args(argv)
     if args.cycles < 1 or args.tp_steps < 1 or args.tp_warmup < 0:
-        p.error("--cycles and --tp-steps must be at least 1, --tp-warmup >= 0")
+        raise SystemExit("error: --cycles and --tp-steps must be at least 1, --tp-warmup >= 0")
     if args.preset is not None and args.preset not in train.PRESETS:
-        p.error(f"unknown --preset {args.preset!r}: choose from {', '.join(train.PRESETS)}")
+        raise SystemExit(f"error: unknown --preset {args.preset!r}: choose from "
+                         f"{', '.join(train.PRESETS)}")
     return args
 
 

@@ -1,24 +1,41 @@
-"""bench.py: speed and throughput, the converge study with its sample metric and placebo, and the
-report that merges studies. Smoke-sized: no timing is asserted. CPU only."""
+"""The lab: speed and throughput, the converge study with its sample metric, placebo and fixed
+tables, the report that merges studies, the samplers it compares. Smoke-sized: no timing is
+asserted. CPU only."""
 
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
 
 import ats
-import bench
+from experiments import common, converge, report, speed, variants
 
 TOY_MODEL = "ch=8,ch_mult=1,num_res=1,attn_res=,dropout=0.1,T=20,sample_steps=5"
-TOY_CONVERGE = ["converge", "--device", "cpu", "--quick", "--steps", "6", "--samples", "20",
+TOY_CONVERGE = ["--device", "cpu", "--quick", "--steps", "6", "--samples", "20",
                 "--nll-images", "2", "--ddim-steps", "2", "--set",
                 TOY_MODEL + ",batch_size=8,update_every=2"]
 
 
-def converge(out, *extra):
-    return bench.main([*TOY_CONVERGE, "--out", str(out), *extra])
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory):
+    """The digits classifier, trained once for every study here (each caches it in its --out)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torch_fidelity")
+    (train_x, train_y), held_out = converge.load_digits_split()
+    path = tmp_path_factory.mktemp("net") / "feature_net.pt"
+    converge.feature_net(held_out, (train_x, train_y), str(path))
+    return path
+
+
+def study(out, net, *extra):
+    """A toy converge study into `out`, with the feature network `net` already in place."""
+    if not (out / "feature_net.pt").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(net, out / "feature_net.pt")
+    return converge.main([*TOY_CONVERGE, "--out", str(out), *extra])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -29,7 +46,7 @@ def converge(out, *extra):
 def test_speed_reports_finite_numbers(tmp_path):
     """`speed --quick` at toy sizes gives finite per-step times, ratio and breakdown; the
     throughput rows and the profile run."""
-    result = bench.main(["speed", "--device", "cpu", "--quick", "--batch-size", "4",
+    result = speed.main(["--device", "cpu", "--quick", "--batch-size", "4",
                          "--update-every", "3", "--cycles", "1", "--throughput", "--no-compile",
                          "--tp-warmup", "1", "--tp-steps", "1", "--profile",
                          str(tmp_path / "profile.txt"), "--set", TOY_MODEL + ",image_size=8"])
@@ -44,14 +61,14 @@ def test_speed_reports_finite_numbers(tmp_path):
 def test_speed_refuses_settings_that_measure_nothing(flags):
     """Zero timed steps or cycles would print rows of 0.0 images/s: refused with one line."""
     with pytest.raises(SystemExit) as e:
-        bench.main(["speed", "--device", "cpu", "--quick", "--throughput", *flags])
+        speed.main(["--device", "cpu", "--quick", "--throughput", *flags])
     assert e.value.code.startswith("error:") and flags[0] in e.value.code
 
 
 def test_speed_without_throughput_profiles_an_ats_cycle(tmp_path):
     """On CPU without --throughput, --profile still writes torch.profiler's table: of one f_S
     cycle of the ATS trainer that speed timed."""
-    bench.main(["speed", "--device", "cpu", "--quick", "--batch-size", "4", "--update-every", "2",
+    speed.main(["--device", "cpu", "--quick", "--batch-size", "4", "--update-every", "2",
                 "--cycles", "1", "--profile", str(tmp_path / "p.txt"), "--set",
                 TOY_MODEL + ",image_size=8"])
     text = (tmp_path / "p.txt").read_text()
@@ -62,9 +79,9 @@ def test_a_profiler_that_records_nothing_falls_back_to_cprofile(tmp_path, monkey
     """When torch.profiler records no events (kineto failing to count GPUs on a machine without
     one), it is tried once more, then cProfile's table of the same steps is written; the file and
     the console say so in one line."""
-    cfg = bench.make_config("tiny", {**bench.parse_overrides(TOY_MODEL), "image_size": 8,
+    cfg = common.make_config("tiny", {**common.parse_overrides(TOY_MODEL), "image_size": 8,
                                      "batch_size": 4, "sampler": "uniform"})
-    trainer, tries = bench.build(cfg, torch.device("cpu")), []
+    trainer, tries = common.build(cfg, torch.device("cpu")), []
 
     class Empty:
         def __enter__(self):
@@ -77,7 +94,7 @@ def test_a_profiler_that_records_nothing_falls_back_to_cprofile(tmp_path, monkey
         def key_averages(self):
             return []
     monkeypatch.setattr(torch.profiler, "profile", lambda **_: Empty())
-    bench.save_profile(trainer, bench.random_batch(cfg, torch.device("cpu")),
+    speed.save_profile(trainer, common.random_batch(cfg, torch.device("cpu")),
                        str(tmp_path / "p.txt"), torch.device("cpu"), 2, "a test")
     first, *rest = (tmp_path / "p.txt").read_text().splitlines()
     assert len(tries) == 2 and "torch.profiler recorded no events, twice: cProfile" in first
@@ -93,9 +110,9 @@ def test_speed_refuses_a_bad_preset_or_profile_path_before_timing(tmp_path, monk
                                                                    match):
     """An unknown --preset (a KeyError before) and a --profile file that cannot be written are
     refused with one line, before anything is built or timed."""
-    monkeypatch.setattr(bench, "build", lambda *a, **k: pytest.fail("a trainer was built"))
+    monkeypatch.setattr(speed, "build", lambda *a, **k: pytest.fail("a trainer was built"))
     with pytest.raises(SystemExit) as e:
-        bench.main(["speed", "--device", "cpu", "--quick",
+        speed.main(["--device", "cpu", "--quick",
                     *[f.format(tmp=tmp_path) for f in flags]])
     assert e.value.code.startswith("error:") and "\n" not in e.value.code
     assert match in e.value.code, e.value.code
@@ -107,14 +124,11 @@ def test_speed_refuses_a_bad_preset_or_profile_path_before_timing(tmp_path, monk
 
 
 @pytest.fixture(scope="module")
-def digits_metric(tmp_path_factory):
+def digits_metric(feature_net):
     """The converge sample metric, with its feature network trained on the held-out split."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("torch_fidelity")
-    (train_x, train_y), held_out = bench.load_digits_split()
-    path = tmp_path_factory.mktemp("net") / "feature_net.pt"
-    net, accuracy, _ = bench.feature_net(held_out, (train_x, train_y), str(path))
-    return bench.SampleMetric(net, train_x, 300), train_x, accuracy
+    (train_x, train_y), held_out = converge.load_digits_split()
+    net, accuracy, _ = converge.feature_net(held_out, (train_x, train_y), str(feature_net))
+    return converge.SampleMetric(net, train_x, 300), train_x, accuracy
 
 
 def test_the_sample_metric_tells_real_digits_from_degraded_ones(digits_metric):
@@ -135,26 +149,12 @@ def test_the_sample_metric_tells_real_digits_from_degraded_ones(digits_metric):
         assert score["fd"] > noise["fd"][0] + 5 * noise["fd"][1]      # measured: 9 and 43 stds
 
 
-def test_the_sample_metric_is_torch_fidelitys(digits_metric):
-    """bench's KID and FD are torch-fidelity's functions, called on the standardised features."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    metric, train_x, _ = digits_metric
-    images = train_x[-300:]
-    feats = metric.standardise(metric.net.features(images).detach()).double()
-    ref = metric.reference.double()
-    kid = kid_features_to_metric(feats, ref, kid_subsets=1, kid_subset_size=300, verbose=False)
-    fd = fid_statistics_to_metric(fid_features_to_statistics(feats),
-                                  fid_features_to_statistics(ref), False)
-    assert metric(images) == {"kid": next(iter(kid.values())), "fd": next(iter(fd.values()))}
-
-
 def test_the_placebo_learns_nothing_from_a_reward_that_favours_small_t():
     """Under a reward that pays for small t, ATS's policy moves its mass there; the placebo,
     whose REINFORCE step scores fresh draws in place of the trained t, does not."""
     T, x0 = 100, torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     first_quarter = {}
-    samplers = {"ats": bench.ats.AdaptiveTimestepSampler, "placebo": bench.PlaceboSampler}
+    samplers = {"ats": ats.AdaptiveTimestepSampler, "placebo": variants.PlaceboSampler}
     for name, cls in samplers.items():
         torch.manual_seed(0)
         s = cls(T, vlb_fn=None, in_channels=1)
@@ -171,21 +171,21 @@ def test_the_placebo_learns_nothing_from_a_reward_that_favours_small_t():
 # -------------------------------------------------------------------------------------------------
 
 
-def test_converge_writes_results_resumes_and_merges(tmp_path, capsys):
+def test_converge_writes_results_resumes_and_merges(tmp_path, capsys, feature_net):
     """converge at toy sizes writes JSON, markdown, curves, policies and heatmaps with finite
     metrics and the metric's own noise, with a progress line at each evaluation; it refuses to
     overwrite a study, resumes one skipping the runs it holds, and two folders merge into one
     table with their heatmaps."""
     pytest.importorskip("sklearn")
     pytest.importorskip("torch_fidelity")
-    first = converge(tmp_path / "s0", "--variants", "uniform,ats-placebo")
+    first = study(tmp_path / "s0", feature_net, "--variants", "uniform,ats-placebo")
     steps = [p["step"] for p in first["runs"][0]["curve"]]
     out = capsys.readouterr().out
     for step in steps:
         assert f"ats-placebo    seed 0: step {step}/{steps[-1]}  NLL" in out
     with pytest.raises(SystemExit, match="pass --resume"):
-        converge(tmp_path / "s0", "--variants", "uniform,ats-placebo")
-    resumed = converge(tmp_path / "s0", "--variants", "uniform,ats-placebo,ats-paper,lsm",
+        study(tmp_path / "s0", feature_net, "--variants", "uniform,ats-placebo")
+    resumed = study(tmp_path / "s0", feature_net, "--variants", "uniform,ats-placebo,ats-paper,lsm",
                        "--variant", "mine:entropy_coef=0", "--resume")
     assert resumed["runs"][:2] == first["runs"] and len(resumed["runs"]) == 5
     points = [p for run in resumed["runs"] for p in run["curve"]]
@@ -199,8 +199,8 @@ def test_converge_writes_results_resumes_and_merges(tmp_path, capsys):
     names += ["curves.png", "policies.png"]
     for name in names:
         assert os.path.isfile(tmp_path / "s0" / name), name
-    converge(tmp_path / "s1", "--variants", "uniform,ats-placebo", "--first-seed", "1")
-    merged = bench.main(["report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out",
+    study(tmp_path / "s1", feature_net, "--variants", "uniform,ats-placebo", "--first-seed", "1")
+    merged = report.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out",
                          str(tmp_path / "all")])
     assert merged["summary"]["uniform"]["seeds"] == [0, 1]
     assert merged["summary"]["ats-paper"]["seeds"] == [0]
@@ -222,7 +222,7 @@ def test_each_seed_reaches_uniforms_final_nll_on_its_own():
                         run("ats", 2, [4.9, 4.7, 4.6], [14, 28, 42])]}
     for r in results["runs"]:
         r.update(quarters=None, final_p=None)
-    summary = bench.summarise(results)
+    summary = report.summarise(results)
     assert summary["ats"]["reach_seeds"] == [
         {"seed": 0, "nll": {"step": 20, "seconds": 24, "ratio": 24 / 40}},
         {"seed": 1, "nll": {"step": 30, "seconds": 42, "ratio": 42 / 40}},
@@ -231,14 +231,14 @@ def test_each_seed_reaches_uniforms_final_nll_on_its_own():
 
 
 @pytest.fixture(scope="module")
-def two_studies(tmp_path_factory):
+def two_studies(tmp_path_factory, feature_net):
     """Two toy studies of seeds 0 and 1, and one with other evaluation steps."""
     pytest.importorskip("sklearn")
     pytest.importorskip("torch_fidelity")
     root = tmp_path_factory.mktemp("studies")
-    converge(root / "a", "--variants", "uniform")
-    converge(root / "b", "--variants", "uniform", "--first-seed", "1")
-    converge(root / "evals", "--variants", "uniform", "--first-seed", "2", "--evals", "1")
+    study(root / "a", feature_net, "--variants", "uniform")
+    study(root / "b", feature_net, "--variants", "uniform", "--first-seed", "1")
+    study(root / "evals", feature_net, "--variants", "uniform", "--first-seed", "2", "--evals", "1")
     return root
 
 
@@ -272,10 +272,10 @@ def test_report_refuses_to_merge_what_does_not_belong_together(two_studies, tmp_
     for folders, match in cases:
         out = [] if "--out" in folders else ["--out", str(tmp_path / "merged")]
         with pytest.raises(SystemExit) as e:
-            bench.main(["report", *map(str, folders), *out])
+            report.main([*map(str, folders), *out])
         assert e.value.code.startswith("error:") and match in e.value.code, e.value.code
     assert not (tmp_path / "merged").exists()
-    merged = bench.main(["report", str(root / "a"), str(root / "b"), "--out",
+    merged = report.main([str(root / "a"), str(root / "b"), "--out",
                          str(tmp_path / "merged")])
     assert merged["summary"]["uniform"]["seeds"] == [0, 1]
 
@@ -305,11 +305,11 @@ def test_report_merges_the_runs_and_is_complete_when_the_design_is(two_studies, 
     """report merges what the runs are, whatever a folder's hand-editable variants list says, and
     marks the merge complete only when every variant, run or planned, has every seed."""
     root = two_studies
-    merged = bench.main(["report", str(root / "a"), str(edited(root, "b", unlisted)), "--out",
+    merged = report.main([str(root / "a"), str(edited(root, "b", unlisted)), "--out",
                          str(tmp_path / "ab")])
     assert merged["summary"]["uniform"]["seeds"] == [0, 1] and merged["complete"]
     assert json.loads((tmp_path / "ab" / "results.json").read_text())["complete"] is True
-    merged = bench.main(["report", str(root / "a"), str(edited(root, "b", planned_lsm)), "--out",
+    merged = report.main([str(root / "a"), str(edited(root, "b", planned_lsm)), "--out",
                          str(tmp_path / "planned")])
     assert not merged["complete"] and list(merged["summary"]) == ["uniform"]
     assert "incomplete: no run of lsm seed 0, lsm seed 1" in capsys.readouterr().out
@@ -334,13 +334,13 @@ def test_report_refuses_an_out_that_holds_files_or_a_results_json_not_a_studys(t
              ([edited(root, "a", no_noise), root / "b"], tmp_path / "m", "it is not an object")]
     for folders, out, match in cases:
         with pytest.raises(SystemExit) as e:
-            bench.main(["report", *map(str, folders), "--out", str(out)])
+            report.main([*map(str, folders), "--out", str(out)])
         assert e.value.code.startswith("error:") and "\n" not in e.value.code
         assert match in e.value.code, e.value.code
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "m").exists()
     (tmp_path / "empty").mkdir()
-    assert bench.main(["report", str(root / "a"), str(root / "b"), "--out",
+    assert report.main([str(root / "a"), str(root / "b"), "--out",
                        str(tmp_path / "empty")])["complete"]
 
 
@@ -363,14 +363,14 @@ def test_max_kl_caps_every_policy_update():
     torch.manual_seed(0)
     free = noise_rewards(ats.AdaptiveTimestepSampler(100, vlb_fn=None, in_channels=1), 4)
     torch.manual_seed(0)
-    capped = noise_rewards(bench.MaxKLSampler(100, None, 1), 4)
+    capped = noise_rewards(variants.MaxKLSampler(100, None, 1), 4)
     assert max(free) > 0.1 and max(capped) <= 0.01
 
 
 def test_policy_warmup_ramps_the_learning_rate():
     """WarmupSampler with warmup W sets the policy's learning rate to lr (n + 1) / W at its n-th
     update, then lr."""
-    s = bench.WarmupSampler(50, vlb_fn=None, in_channels=1, policy_lr=0.01)
+    s = variants.WarmupSampler(50, vlb_fn=None, in_channels=1, policy_lr=0.01)
     s.warmup = 4
     lrs = []
     for _ in range(6):
@@ -386,9 +386,53 @@ def test_reward_norm_makes_the_step_independent_of_the_rewards_scale():
     for norm in (False, True):
         for scale in (1e-4, 1.0):
             torch.manual_seed(0)
-            cls = bench.RewardNormSampler if norm else ats.AdaptiveTimestepSampler
+            cls = variants.RewardNormSampler if norm else ats.AdaptiveTimestepSampler
             s = cls(50, vlb_fn=None, in_channels=1)
             noise_rewards(s, 3, scale=scale)
             policies[norm, scale] = s.probs(x0)
     torch.testing.assert_close(policies[True, 1e-4], policies[True, 1.0], rtol=1e-3, atol=1e-6)
     assert (policies[False, 1e-4] - policies[False, 1.0]).abs().max() > 1e-3
+
+
+# Is the gain adaptive? The fixed tables and the freeze
+
+
+def test_fixed_tables_are_the_floors_u_and_the_same_seeds_final_policy():
+    """fixed-u is p(t) proportional to 1 / (u (1 - u)); ats-frozen reads the final policy of the
+    ats-paper run with the same seed, and refuses a study without one."""
+    cfg = common.make_config("tiny", {"T": 10, "seed": 1})
+    u = (torch.arange(10, dtype=torch.float64) + 0.5) / 10
+    p = variants.fixed_u(cfg, [])
+    assert torch.allclose(p / p.sum(), (1 / (u * (1 - u))) / (1 / (u * (1 - u))).sum())
+    runs = [{"variant": "ats-paper", "seed": s, "final_p": [s + 1.0] * 10} for s in (0, 1)]
+    assert variants.ats_final(cfg, runs).tolist() == [2.0] * 10
+    with pytest.raises(SystemExit, match="needs the ats-paper run of seed 1"):
+        variants.ats_final(cfg, runs[:1])
+
+
+def test_freeze_stops_probing_after_k_updates_and_samples_its_last_batch_mean_policy():
+    """FreezeSampler takes K updates, then keeps the batch-mean policy of the K-th update's
+    images as a table: no more probes or policy steps, draws from that table, state round-trip."""
+    torch.manual_seed(0)
+    model = ats.UNet(in_ch=1, ch=8, ch_mult=(1,), num_res=1, attn_res=(), dropout=0.0,
+                     image_size=8)
+    d = ats.GaussianDiffusion(ats.make_betas("linear", 20))
+    calls = []
+    vlb = lambda x0, t, n: (calls.append(1), d.vlb_terms(model, x0, t, n))[1]
+    s = variants.FreezeSampler(20, vlb, in_channels=1, model=model, update_every=1)
+    s.freeze_after = 3
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    for step in range(6):
+        with s.around_update(x0, s.sample(x0)):
+            with torch.no_grad():
+                for w in model.parameters():
+                    w.add_(1e-3 * torch.randn_like(w))
+        if step == 2:
+            probes, table = len(calls), s.probs(x0).mean(0).double()
+    assert s.updates == 3 and s.step == 6 and len(calls) == probes
+    torch.testing.assert_close(s.table, table)
+    t = s.sample(torch.zeros(20000, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.bincount(t, minlength=20).double().div(20000).sub(table).abs().max() < 0.02
+    other = variants.FreezeSampler(20, vlb, in_channels=1, model=model, update_every=1)
+    other.load_state_dict(s.state_dict())
+    assert torch.equal(other.table, s.table)
