@@ -152,6 +152,21 @@ def write_json(path, value):
     os.replace(path + ".tmp", path)
 
 
+@torch.no_grad()
+def make_images(model, diffusion, index, seed, steps, amp, device, ddpm=False):
+    """Images number `index` (a range) in [-1, 1], image i from the noise of (seed, i) alone, by
+    DDIM on `steps` timesteps (or all-T DDPM), in batches of at most 500: (n, C, H, W)."""
+    C, size = model.config["in_ch"], model.config["image_size"]
+    out = [torch.zeros(0, C, size, size, device=device)]
+    for start in range(index.start, index.stop, 500):
+        part = range(start, min(start + 500, index.stop))
+        gens, shape = ats.image_generators(seed, part), (len(part), C, size, size)
+        with ats.autocast(device, amp):
+            out.append(ats.ddpm_sample(diffusion, model, shape, generator=gens) if ddpm else
+                       ats.ddim_sample(diffusion, model, shape, steps=steps, generator=gens))
+    return torch.cat([x.float() for x in out])
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -176,15 +191,12 @@ def run(args):
                  "method": "ddpm" if args.ddpm else f"ddim-{args.steps}"}
     digests = open_folder(args.out_dir, made_from) if args.out_dir else []
     first = len(digests) if args.out_dir else 0
-    shape = (model.config["in_ch"], model.config["image_size"], model.config["image_size"])
     images, tic = [], time.time()
     for start in range(first, args.n, args.batch_size):
         index = range(start, min(start + args.batch_size, args.n))
-        gens, batch = ats.image_generators(args.seed, index), (len(index), *shape)
-        with torch.no_grad(), ats.autocast(device, ckpt["config"]["amp"]):
-            x = (ats.ddpm_sample(diffusion, model, batch, generator=gens) if args.ddpm else
-                 ats.ddim_sample(diffusion, model, batch, steps=args.steps, generator=gens))
-        x = ((x.float() + 1) / 2).cpu()                                  # (b, C, H, W) in [0, 1]
+        x = make_images(model, diffusion, index, args.seed, args.steps, ckpt["config"]["amp"],
+                        device, args.ddpm)
+        x = ((x + 1) / 2).cpu()                                          # (b, C, H, W) in [0, 1]
         if args.out_dir:
             digests += [save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
                         for i, img in zip(index, x)]

@@ -287,7 +287,7 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
 
 
 # -------------------------------------------------------------------------------------------------
-# What a run writes besides checkpoints: the log line, grids, the policy heatmap
+# What a run writes besides checkpoints: log lines, grids, the policy heatmap
 # -------------------------------------------------------------------------------------------------
 
 
@@ -298,12 +298,12 @@ class SamplerLog:
     def __init__(self, rows, state=None):
         self.rows, self.history, self.every, self.summary = rows, [], 1, {}
         if state:
-            self.history, self.every, self.summary = state["history"], state["every"], state[
-                "summary"]
+            self.history, self.every, self.summary = (state[k] for k in ("history", "every",
+                                                                          "summary"))
 
     def record(self, step, stats, update_every):
-        p, T = stats["p"], len(stats["p"])
-        self.summary = {"mean_t": float((p * torch.arange(T)).sum()), "S": stats["S"],
+        p = stats["p"]
+        self.summary = {"mean_t": float((p * torch.arange(len(p))).sum()), "S": stats["S"],
                         "quarters": [round(float(q.sum()), 3) for q in p.chunk(4)],
                         **{k: stats[k] for k in ("reward", "reward_rms", "kl_step", "kl_uniform")}}
         if step // update_every % self.every == 0:
@@ -341,23 +341,11 @@ def save_grid(cfg, trainer, path):
     torchvision.utils.save_image((x.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(cfg.sample_n)))
 
 
-def write_log(line, record, log_file):
+def log(line, record, log_file):
     """One console line and one JSON line of log.jsonl."""
     print(line, flush=True)
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
-
-
-def log_step(cfg, step, loss, lr, ips, summary, log_file):
-    """The log line: step, loss, images/s, ETA, and where ATS looks."""
-    eta = round((cfg.steps - step) * cfg.batch_size / ips)
-    line = (f"step {step}/{cfg.steps} | loss {loss:.4f} | {ips:.0f} img/s | "
-            f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
-    if summary:
-        line += (f" | mean t {summary['mean_t']:.0f} | quarters {summary['quarters']}"
-                 f" | update KL {summary['kl_step']:.3f}")
-    write_log(line, {"step": step, "loss": loss, "lr": lr, "img_per_s": ips, "sampler": summary},
-              log_file)
 
 
 def cut_log(path, step):
@@ -369,11 +357,6 @@ def cut_log(path, step):
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
-
-
-# -------------------------------------------------------------------------------------------------
-# The run
-# -------------------------------------------------------------------------------------------------
 
 
 def claim(out_dir):
@@ -388,34 +371,28 @@ def claim(out_dir):
     return lock
 
 
-def save(cfg, trainer, log):
-    """ckpt.pt, atomically, from rank 0, with the heatmap's history."""
-    ats.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), trainer, asdict(cfg),
-                        extra={"sampler_log": log.state_dict()})
+# -------------------------------------------------------------------------------------------------
+# The run
+# -------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
-    """Configure, set up the processes, train to --steps or to a signal, and exit 0 (or 130)."""
-    # Config: flags over the preset; on --resume, the stored run plus the RESUMABLE flags
+    """Configure, set up the processes, train to --steps or to a signal; exit 0, or 130."""
     try:
+        # Config: flags over the preset; on --resume, the stored run plus the RESUMABLE flags
         cfg, ckpt = configure(argv)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    # Processes: one, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = ats.pick_device(cfg.device, local_rank)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = ats.rank_and_size()
-    try:
-        stopped = train(cfg, ckpt, device, rank, world)
+        # Processes: one, or one per GPU under torchrun (NCCL on CUDA, gloo on CPU)
+        device = ats.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        stopped = train(cfg, ckpt, device, *ats.rank_and_size())
     except (ValueError, ats.CheckpointError) as e:       # a setting, a dataset, a checkpoint
         raise SystemExit(f"error: {e}") from None
     except torch.OutOfMemoryError:
         raise SystemExit("error: out of memory: lower --batch-size, --ch or --image-size (or "
-                         "--probe-batch, --fid-n)") from None
+                         "--probe-batch)") from None
     finally:
         if dist.is_initialized():   # the Trainer's reference cycle holds the group: collect it
             gc.collect()            # first, or a gloo thread can abort the finished run
@@ -430,11 +407,13 @@ def train(cfg, ckpt, device, rank, world):
                                      cfg.sample_every) < 1:
         raise ValueError(f"--batch-size must be a multiple of the {world} process(es), and "
                          "--steps and the --*-every intervals at least 1")
+    # Model, diffusion, sampler and trainer; the data; FID's scorer: each checked before a write
     trainer = build(cfg, device)
-    ats.ddim_timesteps(cfg.T, cfg.sample_steps)                  # refuse bad --sample-steps now
+    ats.ddim_timesteps(cfg.T, cfg.sample_steps)
     fid = make_fid(cfg, device) if cfg.fid_every and rank == 0 else None
     data = load_images(cfg)
-    lock = claim(cfg.out_dir) if rank == 0 else None
+    # The out-dir, locked; on --resume the trainer, the random streams and the log continue
+    lock, path = claim(cfg.out_dir) if rank == 0 else None, os.path.join(cfg.out_dir, "ckpt.pt")
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         if rank == 0:
@@ -442,65 +421,65 @@ def train(cfg, ckpt, device, rank, world):
     torch.manual_seed(cfg.seed + rank)                           # dropout: a stream per rank
     if ckpt is not None and rank == 0:
         ats.set_rng_state(ckpt["rng"])
-    log = SamplerLog(cfg.heatmap_height, ckpt["extra"]["sampler_log"] if ckpt else None)
+    sampler_log = SamplerLog(cfg.heatmap_height, ckpt["extra"]["sampler_log"] if ckpt else None)
     if rank == 0:
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {cfg.sampler} sampler, "
-              f"{len(data)} images, {world} process(es) on {device}, from step {trainer.step}",
-              flush=True)
-    signals = {s: signal.signal(s, lambda *_: stop.append(True))
-               for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    stop, log_file = [], open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+        print(f"{cfg.preset}: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
+              f"parameters, {cfg.sampler} sampler, {len(data)} images, {world} process(es) on "
+              f"{device}, from step {trainer.step}", flush=True)
+    stop = []                                  # Ctrl-C, SIGTERM, SIGHUP: finish the step, save
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
     loss_sum, n, tic = 0.0, 0, time.time()
     try:
         for loss in trainer.run(batches(cfg, data, trainer, rank, world), cfg.steps):
-            # The step is taken. Log, checkpoint, draw and score between steps
+            # The step is taken; between steps: log, checkpoint, grid and heatmap, FID
             step, loss_sum, n = trainer.step, loss_sum + loss, n + 1
             if trainer.sampler_stats:
-                log.record(step - 1, trainer.sampler_stats, cfg.update_every)
-            stopping = any_rank(bool(stop), world, device) if step % 10 == 0 or world == 1 else 0
-            last = step == cfg.steps or stopping
-            if step % cfg.log_every and step % cfg.ckpt_every and step % cfg.sample_every \
-                    and not last and not (cfg.fid_every and step % cfg.fid_every == 0):
+                sampler_log.record(step - 1, trainer.sampler_stats, cfg.update_every)
+            stopping = stop != [] if world == 1 else (ats.all_reduce(                # any rank's
+                torch.tensor(float(stop != []), device=device)).item() > 0)          # signal
+            due = {k: step % getattr(cfg, f"{k}_every") == 0 for k in ("log", "ckpt", "sample")}
+            fid_due = cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps)
+            if not (any(due.values()) or fid_due or stopping or step == cfg.steps):
                 continue
             mean = (ats.all_reduce(loss_sum / n) / world).item()       # syncs: the time is real
             if not math.isfinite(mean):
                 raise ValueError(f"the loss became {mean} by step {step}; stopped without saving, "
-                                 f"so {cfg.out_dir}/ckpt.pt keeps the last good step. Resume with "
-                                 "a lower --lr, or try --amp none")
-            if rank == 0 and step % cfg.log_every == 0:
-                log_step(cfg, step, mean, trainer.sched.get_last_lr()[0],
-                         n * cfg.batch_size / (time.time() - tic), log.summary, log_file)
+                                 f"so {path} keeps the last good step. Resume with a lower --lr, "
+                                 "or try --amp none")
+            if rank == 0 and due["log"]:
+                ips, summary = n * cfg.batch_size / (time.time() - tic), sampler_log.summary
+                eta = round((cfg.steps - step) * cfg.batch_size / ips)
+                log(f"step {step}/{cfg.steps} | loss {mean:.4f} | {ips:.0f} img/s | ETA "
+                    f"{eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}" + (
+                        f" | mean t {summary['mean_t']:.0f} | quarters {summary['quarters']} | "
+                        f"update KL {summary['kl_step']:.3f}" if summary else ""),
+                    {"step": step, "loss": mean, "lr": trainer.sched.get_last_lr()[0],
+                     "img_per_s": ips, "sampler": summary}, log_file)
                 loss_sum, n, tic = 0.0, 0, time.time()
-            if rank == 0 and (step % cfg.ckpt_every == 0 or last):
-                save(cfg, trainer, log)
-            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+            if rank == 0 and (due["ckpt"] or stopping or step == cfg.steps):
+                ats.save_checkpoint(path, trainer, asdict(cfg),
+                                    extra={"sampler_log": sampler_log.state_dict()})
+            if rank == 0 and (due["sample"] or step == cfg.steps):
                 save_grid(cfg, trainer, os.path.join(cfg.out_dir, f"grid_{step:07d}.png"))
-                if log.history:
-                    save_heatmap(log.history, os.path.join(cfg.out_dir, "sampler.png"),
+                if sampler_log.history:
+                    save_heatmap(sampler_log.history, os.path.join(cfg.out_dir, "sampler.png"),
                                  cfg.heatmap_height)
-            if cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps) and not stopping:
+            if fid_due and not stopping:
                 fid_score(cfg, trainer, fid, rank, world, log_file)
             if stopping:
                 if rank == 0:
-                    print(f"interrupted at step {step}: saved {cfg.out_dir}/ckpt.pt; continue "
-                          "with --resume", flush=True)
+                    print(f"interrupted at step {step}: saved {path}; continue with --resume",
+                          flush=True)
                 return True
     finally:
-        for s, handler in signals.items():
+        for s, handler in handlers.items():
             signal.signal(s, handler)
-        if log_file:
-            log_file.close()
-        if lock:
-            lock.close()
+        for f in (log_file, lock):
+            if f is not None:
+                f.close()
     return False
-
-
-def any_rank(flag, world, device):
-    """Whether any process has the flag set (one all-reduce under torchrun)."""
-    if world == 1:
-        return flag
-    return ats.all_reduce(torch.tensor(float(flag), device=device)).item() > 0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -519,31 +498,24 @@ def make_fid(cfg, device):
     return sample.FID(ref, data_dir=cfg.data_dir, device=device)
 
 
-@torch.no_grad()
 def fid_score(cfg, trainer, fid, rank, world, log_file):
-    """cfg.fid_n EMA samples (image i from the noise of (seed, i)), made on every rank, scored
-    and logged by rank 0."""
-    per, shape = math.ceil(cfg.fid_n / world), (cfg.channels, cfg.image_size, cfg.image_size)
-    mine, parts = range(rank * per, min((rank + 1) * per, cfg.fid_n)), []
-    for start in range(0, len(mine), 500):
-        index = mine[start:start + 500]
-        with ats.autocast(trainer.device, cfg.amp):
-            x = ats.ddim_sample(trainer.diffusion, trainer.ema, (len(index), *shape),
-                                steps=cfg.sample_steps,
-                                generator=ats.image_generators(cfg.seed, index))
-        parts.append(((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8))
-    images = torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=torch.uint8)
+    """FID of cfg.fid_n EMA samples, image i from the noise of (seed, i): made by every rank,
+    scored and logged by rank 0."""
+    import sample
+    per = math.ceil(cfg.fid_n / world)
+    images = sample.make_images(trainer.ema, trainer.diffusion, range(rank * per, min(
+        (rank + 1) * per, cfg.fid_n)), cfg.seed, cfg.sample_steps, cfg.amp, trainer.device)
+    images = ((images + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)   # (n, C, H, W)
     if world > 1:
-        images = torch.cat([images, images.new_zeros((per - len(images), *shape))])
+        images = torch.cat([images, images.new_zeros((per - len(images), *images.shape[1:]))])
         gathered = [torch.empty_like(images) for _ in range(world)]
         dist.all_gather(gathered, images.to(trainer.device))
         images = torch.cat(gathered)[:cfg.fid_n]
     if rank == 0:
         r = fid(images.cpu())
-        write_log(f"step {trainer.step}/{cfg.steps} | FID {r['fid']:.3f} | KID {r['kid']:.5f} | "
-                  f"{r['n']} EMA samples against {r['reference']}",
-                  {"step": trainer.step, "fid": r["fid"], "kid": r["kid"], "fid_n": r["n"]},
-                  log_file)
+        log(f"step {trainer.step}/{cfg.steps} | FID {r['fid']:.3f} | KID {r['kid']:.5f} | "
+            f"{r['n']} EMA samples against {r['reference']}",
+            {"step": trainer.step, "fid": r["fid"], "kid": r["kid"], "fid_n": r["n"]}, log_file)
 
 
 if __name__ == "__main__":

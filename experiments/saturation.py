@@ -1,9 +1,9 @@
 """Why a policy lands in the Beta floor: rerun the first steps of one converge run and print, at
 every sampler update, where the policy's (a, b) stood and what moved them.
 
-    python docs/schedules/saturation.py --schedule cosine --seed 2 --steps 400   # from the root
+    python -m experiments.saturation --schedule cosine --seed 2 --steps 400   # from the root
 
-This is `bench.py converge --long`'s ats-paper run (digits, f_S = 20, 10,000 steps planned), cut
+This is `experiments.converge --long`'s ats-paper run (digits, f_S = 20, 10,000 steps planned), cut
 after --steps: the data order, weights and noise are the converge run's, so on the machine that
 made a converge run this reproduces its first updates (compare the KL column with that run's
 `updates` in its results.json). Printed per update, over the update's batch of 64 digits:
@@ -20,15 +20,12 @@ made a converge run this reproduces its first updates (compare the KL column wit
 
 import argparse
 import dataclasses
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import ats  # noqa: E402
-import bench  # noqa: E402
+import ats
+from experiments import common, converge
 
 
 class Watched(ats.AdaptiveTimestepSampler):
@@ -62,12 +59,12 @@ def main():
     p.add_argument("--steps", type=int, default=400, help="stop after this many training steps")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = bench.make_config("tiny", {**bench.DIGITS, "update_every": 20,
+    cfg = common.make_config("tiny", {**converge.DIGITS, "update_every": 20,
                                      "schedule": args.schedule})
     cfg = dataclasses.replace(cfg, seed=args.seed)
-    (train_x, _), _ = bench.load_digits_split()
-    trainer = bench.build(cfg, torch.device("cpu"), sampler_cls=Watched)
-    data = bench.batches(train_x, cfg.batch_size, bench.seeded(cfg.seed))
+    (train_x, _), _ = converge.load_digits_split()
+    trainer = common.build(cfg, torch.device("cpu"), sampler_cls=Watched)
+    data = converge.batches(train_x, cfg.batch_size, common.seeded(cfg.seed))
     print(f"ats-paper, {args.schedule}, seed {args.seed}, steps 0 to {args.steps - 1} of a "
           f"10,000-step run\n step      KL   reward    rms       a before -> after      "
           f"b before -> after        z_a      z_b      |h|")

@@ -1,6 +1,6 @@
 """How far the ATS policy's first three updates move it on rewards that carry no information.
 
-    python docs/schedules/first_updates.py   # from the repository root; 48 s here, one thread
+    python -m experiments.first_updates   # from the repository root; 48 s here, one thread
 
 The policy starts uniform (its output layer is zero). Each update here is the sampler's own
 REINFORCE step (`_learn`) on 64 digits, with rewards drawn as scale * N(0, 1): pure noise, so any
@@ -9,13 +9,10 @@ before) of updates 1, 2 and 3 for seeds 0 to 4, and how many of the policy's par
 moved by more than half the learning rate on average (the released settings: Adam, lr 1e-2).
 """
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import ats  # noqa: E402
+import ats
+from experiments.variants import WarmupSampler
 
 try:
     from sklearn.datasets import load_digits
@@ -27,8 +24,9 @@ def first_updates(images, seed, scale, lr=1e-2, warmup=0, init="zero", only_outp
                   updates=3, batch=64):
     """KL of each update, and the count of tensors that moved by > lr / 2 in each."""
     torch.manual_seed(seed)
-    sampler = ats.AdaptiveTimestepSampler(1000, None, in_channels=1, policy_lr=lr,
-                                          policy_warmup=warmup)
+    cls = WarmupSampler if warmup else ats.AdaptiveTimestepSampler
+    sampler = cls(1000, None, in_channels=1, policy_lr=lr)
+    sampler.warmup = warmup
     if init == "random":
         torch.nn.init.normal_(sampler.policy[-1].weight, std=1e-2)
     if only_output:

@@ -1,25 +1,24 @@
 """The schedules table: the held-out NLL of uniform, ats-paper and lsm under the linear, cosine and
 quad schedules, seed by seed, from the converge folders below.
 
-`bench.py report` refuses to merge these folders, and rightly: they were made on two machines
+`experiments.report` refuses to merge these folders, and rightly: they were made on two machines
 whose floats differ, so each trained its own KID/FD feature net (hashes in the output) and their
 KID and FD are not on one scale. The NLL needs no feature net, so this script tabulates the NLL
 alone, and compares training seconds only between runs of one machine (same feature net). Run
 from the repository root:
 
-    python docs/schedules/table.py > docs/schedules/table.txt
+    python -m experiments.table > experiments/results/schedules/table.txt
 """
 import json
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bench import mean_std  # noqa: E402
+from experiments.common import mean_std
 
-FOLDERS = {"linear": ["docs/study"],
-           "cosine": ["docs/schedules/cosine", "docs/schedules/cosine-b"],
-           "quad": ["docs/schedules/quad", "docs/schedules/quad-b"]}
+R = "experiments/results"
+FOLDERS = {"linear": [f"{R}/study"],
+           "cosine": [f"{R}/schedules/cosine", f"{R}/schedules/cosine-b"],
+           "quad": [f"{R}/schedules/quad", f"{R}/schedules/quad-b"]}
 VARIANTS = ("uniform", "ats-paper", "lsm")
 
 
