@@ -388,8 +388,8 @@ def main(argv=None):
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         stopped = train(cfg, ckpt, device, *ats.rank_and_size())
-    except (ValueError, ats.CheckpointError) as e:       # a setting, a dataset, a checkpoint
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, ats.CheckpointError, FloatingPointError) as e:  # a setting, the data, a
+        raise SystemExit(f"error: {e}") from None                       # checkpoint, divergence
     except torch.OutOfMemoryError:
         raise SystemExit("error: out of memory: lower --batch-size, --ch or --image-size (or "
                          "--probe-batch)") from None

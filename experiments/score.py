@@ -24,13 +24,23 @@ import torch
 import ats
 import train
 from experiments.common import mean_std, seeded
-from experiments.converge import kid_fd, load_digits_split
+from experiments.converge import load_digits_split
 
 DDIM_STEPS = 50
 
 
 def pixels(x):
     return x.flatten(1).double()
+
+
+def kid_fd(a, b):
+    """FD and KID (10 subsets of up to 1,000) of two pixel sets of any sizes, by torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+    kid = kid_features_to_metric(a, b, kid_subsets=10, kid_subset_size=min(len(a), len(b), 1000),
+                                 verbose=False)[KEY_METRIC_KID_MEAN]
+    fd = fid_statistics_to_metric(*map(fid_features_to_statistics, (a, b)), False)
+    return {"fd": next(iter(fd.values())), "kid": kid}
 
 
 def real_vs_real(real, splits=10):
