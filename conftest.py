@@ -127,6 +127,15 @@ def set_ab(sampler, a, b):
         last.bias.copy_((y + (-(-y).expm1()).log()).float())  # softplus^-1(y), stable for large y
 
 
+def entropy_gradient(sampler, delta, T=200):
+    """d loss / d (a's bias) at a = 1 + delta, b = 1, zero reward, averaged over every t."""
+    set_ab(sampler, 1 + delta, 1.0)
+    sampler.policy.zero_grad()
+    logp = sampler.log_probs(torch.zeros(1, 1, 4, 4)).expand(T, T)
+    sampler.policy_loss(logp, torch.arange(T), torch.zeros(T)).backward()
+    return sampler.policy[-1].bias.grad[0].abs().item()
+
+
 def make_trainer(sampler="ats", seed=0, T=50, update_every=3, **kw):
     torch.manual_seed(seed)
     model = tiny_unet()
