@@ -72,6 +72,8 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     (["--sample-steps", "500"], "DDIM steps must be in"), (["--batch-size", "0"], "multiple"),
     (["--weighting", "min-snr", "--prediction", "v"], "written for eps-prediction"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/x"], "/nonexistent/x"),
+    (["--ch-mult", "1,x"], "--ch-mult takes comma-separated integers"),
+    (["--dataset", "cifar10", "--channels", "1"], "--channels must be 3 for cifar10"),
 ])
 def test_impossible_settings_give_one_error_line_and_write_nothing(tmp_path, flags, match):
     """Each impossible setting stops with one 'error:' line, before the out-dir exists."""

@@ -140,9 +140,13 @@ def resolve(explicit):
     return Config(**{**PRESETS[explicit.get("preset", Config.preset)], **explicit})
 
 
-def ints(text):
+def ints(text, flag):
     """'1,2,2' -> (1, 2, 2); '' -> ()."""
-    return tuple(int(v) for v in text.split(",")) if text.strip() else ()
+    try:
+        return tuple(int(v) for v in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers such as 1,2,2, "
+                         f"got {text!r}") from None
 
 
 def configure(argv):
@@ -199,6 +203,8 @@ def load_images(cfg):
     if cfg.dataset == "synthetic":
         return synthetic_shapes(cfg.synthetic_n, cfg.image_size, cfg.channels, cfg.seed)
     tv = torchvision.transforms
+    if cfg.channels != 3 and (cfg.dataset == "cifar10" or cfg.channels != 1):
+        raise ValueError("--channels must be 3 for cifar10, and 1 (grey) or 3 (RGB) for a folder")
     if cfg.dataset == "folder":
         if not os.path.isdir(cfg.data_dir):
             raise ValueError(f"--data-dir {cfg.data_dir!r} is not a folder")
@@ -263,9 +269,9 @@ def build(cfg, device, sampler_cls=ats.AdaptiveTimestepSampler, **trainer_kw):
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":  # fp32 matmuls (the probe's attention) use TF32, as cuDNN convs do
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = ats.UNet(in_ch=cfg.channels, ch=cfg.ch, ch_mult=ints(cfg.ch_mult), num_res=cfg.num_res,
-                     attn_res=ints(cfg.attn_res), dropout=cfg.dropout,
-                     image_size=cfg.image_size).to(device)
+    model = ats.UNet(in_ch=cfg.channels, ch=cfg.ch, ch_mult=ints(cfg.ch_mult, "--ch-mult"),
+                     num_res=cfg.num_res, attn_res=ints(cfg.attn_res, "--attn-res"),
+                     dropout=cfg.dropout, image_size=cfg.image_size).to(device)
     diffusion = ats.GaussianDiffusion(ats.make_betas(cfg.schedule, cfg.T), var_type=cfg.var_type,
                                       prediction=cfg.prediction).to(device)
     if cfg.sampler == "ats":
