@@ -13,8 +13,8 @@ and then the method (the block another codebase copies), then what trains a DDPM
     6. training            Trainer: Adam + warmup, clipping, EMA, AMP, DDP
     7. checkpoints         save_checkpoint, load_checkpoint, load_model
 
-The heuristics ATS is compared with (Min-SNR, P2, log-normal, SpeeD, loss-second-moment) live in
-heuristics.py. Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
+The baselines ATS is compared with (Min-SNR, P2, log-normal, SpeeD, loss-second-moment) live in
+baselines.py. Code timestep t runs 0..T-1 and is paper step t+1. Nothing runs at import.
 """
 
 import contextlib

@@ -1,15 +1,17 @@
-"""Helpers and fixtures shared by the test files. The tests mirror the code:
+"""Helpers and fixtures shared by the test files, in two tiers. The method's tests:
 
-    test_ats.py          diffusion maths, U-Net, sampler API, ATS, Trainer, checkpoints
-    test_heuristics.py   loss weightings and the heuristic samplers
-    test_train.py        train.py: config and flags, outputs, resume, FID over training, torchrun
-    test_data.py         data.py: CIFAR-10, image folders, synthetic shapes, the batch order
-    test_safety.py       safety.py, through train.py: the lock, divergence, signals, failed writes
-    test_pictures.py     pictures.py: the sampler heatmap
-    test_sample.py       sample.py: grids, the PNG folder it vouches for, --fid
-    test_fid.py          fid.py: FID and KID through torch-fidelity, offline
-    test_bench.py        bench.py: speed, converge, report
-    test_examples.py     examples/: the diffusers loop (skipped without diffusers)
+    test_ats.py          the bound, U-Net, sampler API, ATS, Trainer, checkpoints, the README's
+                         snippets on the copied block
+    test_baselines.py    loss weightings and the baseline samplers
+
+and the rest of the suite:
+
+    test_train.py        train.py: config, outputs and resume, the lock, signals, one-line
+                         errors, FID over training, torchrun
+    test_sample.py       sample.py: grids, the PNG folder it vouches for, Ctrl-C, --fid
+    test_examples.py     examples/ and the other codebases' recipes (each skipped without its
+                         package)
+    experiments/test_lab.py   the lab: speed, converge, report, score, the variants
 
 Everything runs on the CPU; helpers build tiny models and data so that a test takes seconds.
 """

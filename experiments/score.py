@@ -50,7 +50,7 @@ def real_vs_real(real, splits=10):
         perm = torch.randperm(len(real), generator=seeded(i))
         values.append(kid_fd(pixels(real[perm[:half]]), pixels(real[perm[half:2 * half]])))
     return {"n": half, "splits": splits,
-            **{k: mean_std([v[k] for v in values]) for k in ("fd", "kid")}}
+            **{k: list(mean_std([v[k] for v in values])) for k in ("fd", "kid")}}
 
 
 def ema_model(run, path):
@@ -66,7 +66,7 @@ def ema_model(run, path):
 def score(model, diffusion, real, n, draw):
     """FD and KID of n DDIM samples (noise seeded by `draw`) against the real images."""
     shape = (n, *real.shape[1:])
-    samples = ats.ddim_sample(diffusion, model, shape, steps=DDIM_STEPS,
+    samples = ats.ddim_sample(diffusion, model, shape, steps=min(DDIM_STEPS, diffusion.T),
                               generator=seeded(1000 + draw))
     return kid_fd(pixels(samples), pixels(real))
 

@@ -449,3 +449,19 @@ def test_a_separate_entropy_bonus_pulls_at_first_order_where_the_released_term_d
     bonus = variants.BonusEntropySampler(200, vlb_fn=None, in_channels=1)
     assert entropy_gradient(bonus, 0.02) / entropy_gradient(bonus, 0.04) > 0.4
     assert entropy_gradient(released, 0.02) < 0.01 * entropy_gradient(bonus, 0.02)
+
+
+def test_score_rates_the_kept_weights_against_real_digits_and_keeps_its_scores(two_studies,
+                                                                                capsys):
+    """experiments.score rebuilds each run's EMA weights from the study, scores its samples in
+    pixel space, records the real-vs-real spread, and a second call reuses what it scored."""
+    from experiments import score
+    scores = score.main([str(two_studies / "a"), "--samples", "30", "--draws", "2"])
+    assert {"uniform/0/6/0/30", "uniform/0/6/1/30"} <= set(scores)
+    assert scores["uniform/0/6/0/30"] != scores["uniform/0/6/1/30"]       # independent draws
+    fd, spread = scores["real_vs_real"]["fd"]
+    assert scores["real_vs_real"]["n"] == 749 and fd > 0 and spread > 0
+    out = capsys.readouterr().out
+    assert "| uniform | 1 (1 scored) |" in out
+    again = score.main([str(two_studies / "a"), "--samples", "30", "--draws", "2"])
+    assert again == scores and "uniform/0/6/0/30:" not in capsys.readouterr().out
