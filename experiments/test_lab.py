@@ -465,3 +465,15 @@ def test_score_rates_the_kept_weights_against_real_digits_and_keeps_its_scores(t
     assert "| uniform | 1 (1 scored) |" in out
     again = score.main([str(two_studies / "a"), "--samples", "30", "--draws", "2"])
     assert again == scores and "uniform/0/6/0/30:" not in capsys.readouterr().out
+
+
+def test_a_second_study_into_a_busy_out_is_refused(tmp_path):
+    """A study holds its --out with a lock, as train.py holds its out-dir: a second one writing
+    there at the same time is refused with one line before it trains anything."""
+    import fcntl
+    (tmp_path / "s").mkdir()
+    with open(tmp_path / "s" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="in use by another study"):
+            converge.main([*TOY_CONVERGE, "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s" / "results.json").exists()
