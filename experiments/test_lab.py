@@ -160,7 +160,7 @@ def test_the_placebo_learns_nothing_from_a_reward_that_favours_small_t():
         torch.manual_seed(0)
         s = cls(T, vlb_fn=None, in_channels=1)
         gen = torch.Generator().manual_seed(2)
-        for _ in range(150):
+        for _ in range(40):
             t = s.sample(x0, generator=gen)
             s._learn(x0, t, reward=(t < T // 4).float())
         first_quarter[name] = s.probs(x0)[:, :T // 4].sum(1).mean().item()
@@ -186,9 +186,9 @@ def test_converge_writes_results_resumes_and_merges(tmp_path, capsys, feature_ne
         assert f"ats-placebo    seed 0: step {step}/{steps[-1]}  NLL" in out
     with pytest.raises(SystemExit, match="pass --resume"):
         study(tmp_path / "s0", feature_net, "--variants", "uniform,ats-placebo")
-    resumed = study(tmp_path / "s0", feature_net, "--variants", "uniform,ats-placebo,ats-paper,lsm",
-                       "--variant", "mine:entropy_coef=0", "--resume")
-    assert resumed["runs"][:2] == first["runs"] and len(resumed["runs"]) == 5
+    resumed = study(tmp_path / "s0", feature_net, "--variants", "uniform,ats-placebo,ats-paper",
+                    "--variant", "mine:entropy_coef=0", "--resume")
+    assert resumed["runs"][:2] == first["runs"] and len(resumed["runs"]) == 4
     points = [p for run in resumed["runs"] for p in run["curve"]]
     assert all(math.isfinite(p[k]) for p in points for k in ("nll", "kid", "fd", "cpu_seconds"))
     assert resumed["complete"] and resumed["noise"]["n"] == 20
