@@ -114,7 +114,9 @@ def open_folder(out_dir, made_from):
         os.makedirs(out_dir, exist_ok=True)
         return []
     with open(record) as f:
-        old = json.load(f)
+        old = json.load(f)                      # JSONDecodeError is a ValueError: one line too
+    if not (isinstance(old, dict) and isinstance(old.get("sha256"), list)):
+        raise ValueError(f"{record} is not a record this script wrote: use a new --out-dir")
     if {k: old.get(k) for k in made_from} != made_from:
         raise ValueError(f"{out_dir} holds images made otherwise ({old}): use another --out-dir")
     digests, names = old["sha256"], set(os.listdir(out_dir)) - {"samples.json", "fid.json"}
@@ -201,7 +203,7 @@ def run(args):
             digests += [save_png(img, os.path.join(args.out_dir, f"{i:06d}.png"))
                         for i, img in zip(index, x)]
             write_json(os.path.join(args.out_dir, "samples.json"), {**made_from, "sha256": digests})
-        images.append(x)
+        images += [x] if args.grid else []
         print(f"images {index[-1] + 1}/{args.n}, {time.time() - tic:.0f}s", flush=True)
     if args.grid and images:
         torchvision.utils.save_image(torch.cat(images), args.grid,
