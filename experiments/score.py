@@ -9,6 +9,9 @@ and all 1,498 training digits, in pixel space. For 8x8 digits the 64 pixels are 
 so no feature network decides what counts. Its noise is shown two ways: the spread over
 independent sample draws of one checkpoint (--draws), and the spread between real sets, two
 disjoint halves of the training digits (749 each, the largest the data allows; 10 splits).
+Its floor: the 299 held-out digits scored against the training digits give the FD of new real
+digits at that size; generated sets of the same size (--samples 299) that score below it are
+closer to the training digits than new real digits are, and lower is no longer better.
 Scores go to <study>/scores.json, one entry per (variant, seed, step, draw), kept across calls.
 """
 
@@ -85,8 +88,10 @@ def main(argv=None):
         results = json.load(f)
     path = os.path.join(args.study, "scores.json")
     scores = json.load(open(path)) if os.path.exists(path) else {}
-    (real, _), _ = load_digits_split()
+    (real, _), (held, _) = load_digits_split()
     noise = scores.setdefault("real_vs_real", real_vs_real(real))
+    floor = scores.setdefault("heldout_vs_train", {"n": len(held),
+                                                   **kid_fd(pixels(held), pixels(real))})
     only = {tuple(s.split(":")) for s in args.only.split(",") if s}
     for run in results["runs"]:
         if only and (run["variant"], str(run["seed"])) not in only:
@@ -112,7 +117,8 @@ def main(argv=None):
                           flush=True)
     print(f"real vs real ({noise['n']} vs {noise['n']}, {noise['splits']} splits): FD "
           f"{noise['fd'][0]:.4f} ± {noise['fd'][1]:.4f}, KID x1e3 {1e3 * noise['kid'][0]:.3f} ± "
-          f"{1e3 * noise['kid'][1]:.3f}")
+          f"{1e3 * noise['kid'][1]:.3f}; held-out vs training ({floor['n']} vs {len(real)}): FD "
+          f"{floor['fd']:.4f}")
     print(table(results, scores, args.samples))
     return scores
 
