@@ -2,7 +2,7 @@
 
 A weighting is a float32 [T] tensor w_t that multiplies the per-sample L_simple (DDPM's eps
 loss). A sampler has ats.py's sampler API (sample, weights, around_update, state_dict), so the
-Trainer runs it as it runs ATS. train.py and bench.py build both by name:
+Trainer runs it as it runs ATS. train.py and the lab build both by name:
 
     weights = loss_weights("min-snr", diffusion.abar)     # or 'p2', 'speed', 'none' (None)
     sampler = make_sampler("lognormal", T, diffusion.abar)  # or 'speed', 'loss-second-moment', ...
@@ -148,7 +148,7 @@ class LossSecondMomentSampler(TableSampler):
 
 
 # -------------------------------------------------------------------------------------------------
-# By name, for train.py and bench.py
+# By name, for train.py and the lab
 # -------------------------------------------------------------------------------------------------
 
 SAMPLERS = ("uniform", "lognormal", "speed", "loss-second-moment")

@@ -199,7 +199,7 @@ TEST_FEATURES = "ats-test-features"
 
 def stand_in_features(x):
     """What the stand-in computes from uint8 (B, 3, H, W): per-channel means and stds on a 2x2
-    grid, 24 numbers per image. test_fid.py recomputes FID from these by hand."""
+    grid, 24 numbers per image."""
     x = x.double() / 255
     cells = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)           # (B, 12)
     spread = torch.nn.functional.adaptive_avg_pool2d(x**2, 2).flatten(1) - cells**2
