@@ -10,8 +10,10 @@ so no feature network decides what counts. Its noise is shown two ways: the spre
 independent sample draws of one checkpoint (--draws), and the spread between real sets, two
 disjoint halves of the training digits (749 each, the largest the data allows; 10 splits).
 Its floor: the 299 held-out digits scored against the training digits give the FD of new real
-digits at that size; generated sets of the same size (--samples 299) that score below it are
-closer to the training digits than new real digits are, and lower is no longer better.
+digits at that size, to compare with generated sets of the same size (--samples 299). Beside the
+FD, each score records the median pixel distance from a sample to its nearest training digit
+(`nn`): copies of training digits score below the held-out digits' own, samples off the data
+above it.
 Scores go to <study>/scores.json, one entry per (variant, seed, step, draw), kept across calls.
 """
 
@@ -46,6 +48,11 @@ def kid_fd(a, b):
     return {"fd": next(iter(fd.values())), "kid": kid}
 
 
+def nearest(x, real):
+    """The median over x of the pixel-space L2 distance to the nearest real image."""
+    return float(torch.cdist(pixels(x), pixels(real)).min(1).values.median())
+
+
 def real_vs_real(real, splits=10):
     """FD and KID between two disjoint halves of the real images, over random splits."""
     half, values = len(real) // 2, []
@@ -71,7 +78,7 @@ def score(model, diffusion, real, n, draw):
     shape = (n, *real.shape[1:])
     samples = ats.ddim_sample(diffusion, model, shape, steps=min(DDIM_STEPS, diffusion.T),
                               generator=seeded(1000 + draw))
-    return kid_fd(pixels(samples), pixels(real))
+    return {**kid_fd(pixels(samples), pixels(real)), "nn": nearest(samples, real)}
 
 
 def main(argv=None):
@@ -90,8 +97,8 @@ def main(argv=None):
     scores = json.load(open(path)) if os.path.exists(path) else {}
     (real, _), (held, _) = load_digits_split()
     noise = scores.setdefault("real_vs_real", real_vs_real(real))
-    floor = scores.setdefault("heldout_vs_train", {"n": len(held),
-                                                   **kid_fd(pixels(held), pixels(real))})
+    floor = scores["heldout_vs_train"] = {"n": len(held), **kid_fd(pixels(held), pixels(real)),
+                                          "nn": nearest(held, real)}
     only = {tuple(s.split(":")) for s in args.only.split(",") if s}
     for run in results["runs"]:
         if only and (run["variant"], str(run["seed"])) not in only:
@@ -118,7 +125,7 @@ def main(argv=None):
     print(f"real vs real ({noise['n']} vs {noise['n']}, {noise['splits']} splits): FD "
           f"{noise['fd'][0]:.4f} ± {noise['fd'][1]:.4f}, KID x1e3 {1e3 * noise['kid'][0]:.3f} ± "
           f"{1e3 * noise['kid'][1]:.3f}; held-out vs training ({floor['n']} vs {len(real)}): FD "
-          f"{floor['fd']:.4f}")
+          f"{floor['fd']:.4f}, nearest training digit {floor['nn']:.3f}")
     print(table(results, scores, args.samples))
     return scores
 
@@ -126,10 +133,11 @@ def main(argv=None):
 def table(results, scores, n):
     """Markdown: per variant, the last step's NLL and pixel FD, mean ± std over seeds and, for
     FD, over draws too."""
-    lines = ["| variant | seeds | NLL bpd | pixel FD | KID x1e3 |", "|---|---|---|---|---|"]
+    lines = ["| variant | seeds | NLL bpd | pixel FD | KID x1e3 | nearest training digit |",
+             "|---|---|---|---|---|---|"]
     for variant in results["variants"]:
         runs = [r for r in results["runs"] if r["variant"] == variant]
-        fds, kids, seeds = [], [], []
+        fds, kids, nns, seeds = [], [], [], []
         for r in runs:
             last = r["curve"][-1]["step"]
             got = [v for k, v in scores.items()
@@ -138,13 +146,15 @@ def table(results, scores, n):
                 seeds.append(r["seed"])
                 fds.append(statistics.fmean(v["fd"] for v in got))
                 kids.append(statistics.fmean(v["kid"] for v in got))
+                nns += [statistics.fmean(v["nn"] for v in got)] if "nn" in got[0] else []
         if not runs:
             continue
         nll = mean_std([r["curve"][-1]["nll"] for r in runs])
         fd = "-" if not fds else "{:.4f} ± {:.4f}".format(*mean_std(fds))
         kid = "-" if not kids else "{:.3f} ± {:.3f}".format(*[1e3 * v for v in mean_std(kids)])
+        nn = "-" if not nns or len(nns) < len(fds) else "{:.3f} ± {:.3f}".format(*mean_std(nns))
         lines.append(f"| {variant} | {len(runs)} ({len(seeds)} scored) | {nll[0]:.3f} ± "
-                     f"{nll[1]:.3f} | {fd} | {kid} |")
+                     f"{nll[1]:.3f} | {fd} | {kid} | {nn} |")
     return "\n".join(lines)
 
 

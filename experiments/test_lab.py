@@ -462,6 +462,7 @@ def test_score_rates_the_kept_weights_against_real_digits_and_keeps_its_scores(t
     fd, spread = scores["real_vs_real"]["fd"]
     assert scores["real_vs_real"]["n"] == 749 and fd > 0 and spread > 0
     assert scores["heldout_vs_train"]["n"] == 299 and scores["heldout_vs_train"]["fd"] > 0
+    assert 0 < scores["heldout_vs_train"]["nn"] and 0 < scores["uniform/0/6/0/30"]["nn"]
     out = capsys.readouterr().out
     assert "| uniform | 1 (1 scored) |" in out
     again = score.main([str(two_studies / "a"), "--samples", "30", "--draws", "2"])
