@@ -3,6 +3,9 @@ in experiments/results, the last update whose KL(pi after || pi before) exceeded
 nats. This is the record behind ats-freeze's K (experiments/variants.py: FreezeSampler).
 
     python -m experiments.settle > experiments/results/adaptive/settle.txt
+
+settle.txt was written before the adaptive study's runs were in experiments/results; run now, it
+counts them too.
 """
 
 import glob
