@@ -1,25 +1,33 @@
-"""The schedules table: the held-out NLL of uniform, ats-paper and lsm under the linear, cosine and
-quad schedules, seed by seed, from the converge folders below.
+"""The tables of the studies that ran on two machines, seed by seed, from the converge folders
+below: the schedules study (uniform, ats-paper and lsm under linear, cosine and quad) and the study
+of whether the gain is adaptive (the fixed tables and the freeze, under linear and cosine).
 
 `experiments.report` refuses to merge these folders, and rightly: they were made on two machines
 whose floats differ, so each trained its own KID/FD feature net (hashes in the output) and their
-KID and FD are not on one scale. The NLL needs no feature net, so this script tabulates the NLL
-alone, and compares training seconds only between runs of one machine (same feature net). Run
+KID and FD are not on one scale. The NLL needs no feature net, nor do the pixel scores of
+`experiments.score` (kept in each folder's scores.json), so this script tabulates those across the
+folders, and compares training seconds only between runs of one machine (same feature net). Run
 from the repository root:
 
     python -m experiments.table > experiments/results/schedules/table.txt
+    python -m experiments.table adaptive > experiments/results/adaptive/table.txt
 """
 import json
 import os
 import statistics
+import sys
 
 from experiments.common import mean_std
 
 R = "experiments/results"
-FOLDERS = {"linear": [f"{R}/study"],
-           "cosine": [f"{R}/schedules/cosine", f"{R}/schedules/cosine-b"],
-           "quad": [f"{R}/schedules/quad", f"{R}/schedules/quad-b"]}
-VARIANTS = ("uniform", "ats-paper", "lsm")
+STUDIES = {
+    "schedules": ({"linear": [f"{R}/study"],
+                   "cosine": [f"{R}/schedules/cosine", f"{R}/schedules/cosine-b"],
+                   "quad": [f"{R}/schedules/quad", f"{R}/schedules/quad-b"]},
+                  ("uniform", "ats-paper", "lsm")),
+    "adaptive": ({s: [f"{R}/adaptive/{s}", f"{R}/adaptive/{s}-b"] for s in ("linear", "cosine")},
+                 ("uniform", "ats-paper", "ats-frozen", "fixed-u", "ats-freeze")),
+}
 
 
 def crossing(curve, target):
@@ -53,8 +61,58 @@ def against_uniform(run, paired, target):
     return out
 
 
-def main():
-    for schedule, folders in FOLDERS.items():
+def pixel_scores(run, scores):
+    """The run's last-step pixel scores in its folder's scores.json: {samples: [score per draw]}."""
+    head = f"{run['variant']}/{run['seed']}/{run['curve'][-1]['step']}/"
+    out = {}
+    for key, value in scores.items():
+        if key.startswith(head):
+            out.setdefault(int(key.rsplit("/", 1)[1]), []).append(value)
+    return out
+
+
+def pixel_text(pix):
+    """'pixel FD x (5,000 samples); distance m ± s (n draws of 299)', where scored."""
+    parts = []
+    if 5000 in pix:
+        parts.append(f"pixel FD {pix[5000][0]['fd']:.3f} (5,000 samples)")
+    if 299 in pix:
+        mean, std = mean_std([v["nn"] for v in pix[299]])
+        parts.append(f"distance {mean:.3f} ± {std:.3f} ({len(pix[299])} draws of 299)")
+    return "; " + "; ".join(parts) if parts else "; not scored"
+
+
+def summary(runs, variants, target):
+    """Markdown, one row per variant: mean ± std over seeds of the final NLL, of the final NLL
+    minus uniform's same seed, of the pixel FD (first 5,000-sample draw) and of the distance
+    (mean of the 299-sample draws); and the step at which each seed reaches uniform's final mean."""
+    def cell(values):
+        if len(values) < 2:
+            return f"{values[0]:.3f} (1)" if values else "-"
+        return "{:.3f} ± {:.3f} ({})".format(*mean_std(values), len(values))
+    lines = ["| variant | final NLL (seeds) | minus uniform, paired | reaches uniform's final "
+             "mean, by seed | pixel FD, 5,000 | distance, 299 |", "|---|---|---|---|---|---|"]
+    for variant in variants:
+        mine = [runs[k] for k in sorted(runs) if k[0] == variant]
+        paired = [r["curve"][-1]["nll"] - runs["uniform", r["seed"]]["curve"][-1]["nll"]
+                  for r in mine if ("uniform", r["seed"]) in runs]
+        reach = ["-" if not crossing(r["curve"], target)[0] else
+                 f"{crossing(r['curve'], target)[0] // 1000}k" for r in mine]
+        fds = [r["pix"][5000][0]["fd"] for r in mine if 5000 in r["pix"]]
+        nns = [statistics.fmean(v["nn"] for v in r["pix"][299]) for r in mine if 299 in r["pix"]]
+        lines.append(f"| {variant} | {cell([r['curve'][-1]['nll'] for r in mine])} | "
+                     f"{cell(paired) if variant != 'uniform' else '-'} | {' / '.join(reach)} | "
+                     f"{cell(fds)} | {cell(nns)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "schedules"
+    if name not in STUDIES:
+        raise SystemExit(f"error: unknown study {name!r}: choose from {', '.join(STUDIES)}")
+    folders_of, variants = STUDIES[name]
+    for schedule, folders in folders_of.items():
         runs, made = {}, []
         for folder in folders:
             if not os.path.exists(os.path.join(folder, "results.json")):
@@ -62,18 +120,23 @@ def main():
                 continue
             with open(os.path.join(folder, "results.json")) as f:
                 results = json.load(f)
+            scores = {}
+            if os.path.exists(os.path.join(folder, "scores.json")):
+                with open(os.path.join(folder, "scores.json")) as f:
+                    scores = json.load(f)
             made.append(f"  {folder}: code {results['provenance']['code']}, KID/FD feature net "
                         f"{results['eval']['feature_net']}")
             for run in results["runs"]:
-                if run["variant"] in VARIANTS:
-                    runs[run["variant"], run["seed"]] = {**run,
-                                                         "net": results["eval"]["feature_net"]}
+                if run["variant"] in variants:
+                    runs[run["variant"], run["seed"]] = {
+                        **run, "net": results["eval"]["feature_net"],
+                        "pix": pixel_scores(run, scores)}
         uniform = [runs[k]["curve"][-1]["nll"] for k in sorted(runs) if k[0] == "uniform"]
         target = statistics.mean(uniform) if uniform else None
         print(f"\n## {schedule}: uniform's final mean over {len(uniform)} seeds "
               + (f"{target:.4f}" if uniform else "(no uniform run)"))
         print("\n".join(made))
-        for variant in VARIANTS:
+        for variant in variants:
             seeds = sorted(s for v, s in runs if v == variant)
             if not seeds:
                 print(f"{variant}: no runs")
@@ -89,7 +152,11 @@ def main():
                     line += against_uniform(run, runs.get(("uniform", seed)), target)
                 if run.get("quarters"):
                     line += "; quarters " + " ".join(f"{q:.2f}" for q in run["quarters"])
+                if any(r["pix"] for r in runs.values()):
+                    line += pixel_text(run["pix"])
                 print(line)
+        if uniform and any(r["pix"] for r in runs.values()):
+            print("\n" + summary(runs, variants, target))
 
 
 if __name__ == "__main__":

@@ -439,6 +439,28 @@ def test_freeze_stops_probing_after_k_updates_and_samples_its_last_batch_mean_po
     assert torch.equal(other.table, s.table)
 
 
+def test_the_two_machine_table_pairs_seeds_and_averages_pixel_scores_per_run():
+    """experiments.table's summary: the final NLL and its paired gap over seeds, the step each
+    seed reaches uniform's final mean, the FD of the first 5,000-sample draw and the mean of each
+    run's 299-sample distances, then over seeds."""
+    from experiments import table
+
+    def run(variant, seed, nlls):
+        curve = [{"step": 1000 * (i + 1), "nll": v} for i, v in enumerate(nlls)]
+        r = {"variant": variant, "seed": seed, "curve": curve}
+        scores = {f"{variant}/{seed}/2000/0/5000": {"fd": 0.1 * (seed + 1), "nn": 9.0},
+                  **{f"{variant}/{seed}/2000/{d}/299": {"fd": 1.0, "nn": 2.0 + d + seed}
+                     for d in range(2)}}
+        return {**r, "pix": table.pixel_scores(r, scores)}
+    runs = {("uniform", 0): run("uniform", 0, [5.0, 4.0]),
+            ("uniform", 1): run("uniform", 1, [5.0, 4.2]),
+            ("fixed-u", 0): run("fixed-u", 0, [4.0, 3.9])}
+    rows = table.summary(runs, ("uniform", "fixed-u"), 4.1).splitlines()
+    assert rows[2] == "| uniform | 4.100 ± 0.141 (2) | - | 2k / - | 0.150 ± 0.071 (2) | " \
+                      "3.000 ± 0.707 (2) |"
+    assert rows[3] == "| fixed-u | 3.900 (1) | -0.100 (1) | 1k | 0.100 (1) | 2.500 (1) |"
+
+
 # The released entropy term against a separate bonus
 
 
