@@ -83,15 +83,16 @@ def pixel_text(pix):
 
 
 def summary(runs, variants, target):
-    """Markdown, one row per variant: mean ± std over seeds of the final NLL, of the final NLL
+    """Markdown, one row per variant: each seed's final NLL; mean ± std over seeds of it, of it
     minus uniform's same seed, of the pixel FD (first 5,000-sample draw) and of the distance
     (mean of the 299-sample draws); and the step at which each seed reaches uniform's final mean."""
     def cell(values):
         if len(values) < 2:
             return f"{values[0]:.3f} (1)" if values else "-"
         return "{:.3f} ± {:.3f} ({})".format(*mean_std(values), len(values))
-    lines = ["| variant | final NLL (seeds) | minus uniform, paired | reaches uniform's final "
-             "mean, by seed | pixel FD, 5,000 | distance, 299 |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | final NLL, by seed | mean (seeds) | minus uniform, paired | reaches "
+             "uniform's final mean, by seed | pixel FD, 5,000 | distance, 299 |",
+             "|---|---|---|---|---|---|---|"]
     for variant in variants:
         mine = [runs[k] for k in sorted(runs) if k[0] == variant]
         paired = [r["curve"][-1]["nll"] - runs["uniform", r["seed"]]["curve"][-1]["nll"]
@@ -100,7 +101,8 @@ def summary(runs, variants, target):
                  f"{crossing(r['curve'], target)[0] // 1000}k" for r in mine]
         fds = [r["pix"][5000][0]["fd"] for r in mine if 5000 in r["pix"]]
         nns = [statistics.fmean(v["nn"] for v in r["pix"][299]) for r in mine if 299 in r["pix"]]
-        lines.append(f"| {variant} | {cell([r['curve'][-1]['nll'] for r in mine])} | "
+        finals = [r["curve"][-1]["nll"] for r in mine]
+        lines.append(f"| {variant} | {' / '.join(f'{v:.3f}' for v in finals)} | {cell(finals)} | "
                      f"{cell(paired) if variant != 'uniform' else '-'} | {' / '.join(reach)} | "
                      f"{cell(fds)} | {cell(nns)} |")
     return "\n".join(lines)

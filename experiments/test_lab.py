@@ -456,9 +456,9 @@ def test_the_two_machine_table_pairs_seeds_and_averages_pixel_scores_per_run():
             ("uniform", 1): run("uniform", 1, [5.0, 4.2]),
             ("fixed-u", 0): run("fixed-u", 0, [4.0, 3.9])}
     rows = table.summary(runs, ("uniform", "fixed-u"), 4.1).splitlines()
-    assert rows[2] == "| uniform | 4.100 ± 0.141 (2) | - | 2k / - | 0.150 ± 0.071 (2) | " \
-                      "3.000 ± 0.707 (2) |"
-    assert rows[3] == "| fixed-u | 3.900 (1) | -0.100 (1) | 1k | 0.100 (1) | 2.500 (1) |"
+    assert rows[2] == ("| uniform | 4.000 / 4.200 | 4.100 ± 0.141 (2) | - | 2k / - | "
+                       "0.150 ± 0.071 (2) | 3.000 ± 0.707 (2) |")
+    assert rows[3] == "| fixed-u | 3.900 | 3.900 (1) | -0.100 (1) | 1k | 0.100 (1) | 2.500 (1) |"
 
 
 # The released entropy term against a separate bonus
