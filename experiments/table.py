@@ -97,13 +97,13 @@ def summary(runs, variants, target):
         mine = [runs[k] for k in sorted(runs) if k[0] == variant]
         paired = [r["curve"][-1]["nll"] - runs["uniform", r["seed"]]["curve"][-1]["nll"]
                   for r in mine if ("uniform", r["seed"]) in runs]
-        reach = ["-" if not crossing(r["curve"], target)[0] else
-                 f"{crossing(r['curve'], target)[0] // 1000}k" for r in mine]
+        reach = [crossing(r["curve"], target)[0] for r in mine]
         fds = [r["pix"][5000][0]["fd"] for r in mine if 5000 in r["pix"]]
         nns = [statistics.fmean(v["nn"] for v in r["pix"][299]) for r in mine if 299 in r["pix"]]
         finals = [r["curve"][-1]["nll"] for r in mine]
         lines.append(f"| {variant} | {' / '.join(f'{v:.3f}' for v in finals)} | {cell(finals)} | "
-                     f"{cell(paired) if variant != 'uniform' else '-'} | {' / '.join(reach)} | "
+                     f"{cell(paired) if variant != 'uniform' else '-'} | "
+                     f"{' / '.join(f'{step // 1000}k' if step else '-' for step in reach)} | "
                      f"{cell(fds)} | {cell(nns)} |")
     return "\n".join(lines)
 
@@ -135,6 +135,7 @@ def main(argv=None):
                         "pix": pixel_scores(run, scores)}
         uniform = [runs[k]["curve"][-1]["nll"] for k in sorted(runs) if k[0] == "uniform"]
         target = statistics.mean(uniform) if uniform else None
+        scored = any(r["pix"] for r in runs.values())
         print(f"\n## {schedule}: uniform's final mean over {len(uniform)} seeds "
               + (f"{target:.4f}" if uniform else "(no uniform run)"))
         print("\n".join(made))
@@ -154,10 +155,10 @@ def main(argv=None):
                     line += against_uniform(run, runs.get(("uniform", seed)), target)
                 if run.get("quarters"):
                     line += "; quarters " + " ".join(f"{q:.2f}" for q in run["quarters"])
-                if any(r["pix"] for r in runs.values()):
+                if scored:
                     line += pixel_text(run["pix"])
                 print(line)
-        if uniform and any(r["pix"] for r in runs.values()):
+        if uniform and scored:
             print("\n" + summary(runs, variants, target))
 
 
