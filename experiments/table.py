@@ -1,13 +1,14 @@
-"""The tables of the studies that ran on two machines, seed by seed, from the converge folders
-below: the schedules study (uniform, ats-paper and lsm under linear, cosine and quad) and the study
-of whether the gain is adaptive (the fixed tables and the freeze, under linear and cosine).
+"""The tables of the studies that ran on more than one machine, seed by seed, from the converge
+folders below: the schedules study (uniform, ats-paper and lsm under linear, cosine and quad) and
+the study of whether the gain is adaptive (the fixed tables and the freeze, under linear and
+cosine).
 
-`experiments.report` refuses to merge these folders, and rightly: they were made on two machines
+`experiments.report` refuses to merge these folders, and rightly: they were made on machines
 whose floats differ, so each trained its own KID/FD feature net (hashes in the output) and their
 KID and FD are not on one scale. The NLL needs no feature net, nor do the pixel scores of
 `experiments.score` (kept in each folder's scores.json), so this script tabulates those across the
-folders, and compares training seconds only between runs of one machine (same feature net). Run
-from the repository root:
+folders, and compares training seconds only between runs of one machine (same feature net) and
+one code. Run from the repository root:
 
     python -m experiments.table > experiments/results/schedules/table.txt
     python -m experiments.table adaptive > experiments/results/adaptive/table.txt
@@ -25,7 +26,8 @@ STUDIES = {
                    "cosine": [f"{R}/schedules/cosine", f"{R}/schedules/cosine-b"],
                    "quad": [f"{R}/schedules/quad", f"{R}/schedules/quad-b"]},
                   ("uniform", "ats-paper", "lsm")),
-    "adaptive": ({s: [f"{R}/adaptive/{s}", f"{R}/adaptive/{s}-b"] for s in ("linear", "cosine")},
+    "adaptive": ({s: [f"{R}/adaptive/{s}{m}" for m in ("", "-b", "-c")]
+                  for s in ("linear", "cosine")},
                  ("uniform", "ats-paper", "ats-frozen", "fixed-u", "ats-freeze")),
 }
 
@@ -45,7 +47,7 @@ def crossing(curve, target):
 def against_uniform(run, paired, target):
     """A run's final NLL minus uniform's same seed, where it reaches uniform's final mean
     `target`, and its training seconds there over that uniform run's when both ran on one
-    machine."""
+    machine (same feature net) from the same code."""
     out = (f", {run['curve'][-1]['nll'] - paired['curve'][-1]['nll']:+.3f} against uniform's "
            f"seed {run['seed']}" if paired else "")
     if target is None:
@@ -54,7 +56,7 @@ def against_uniform(run, paired, target):
     if not grid:
         return out + "; does not reach uniform's final mean"
     out += f"; reaches uniform's final mean at step {grid} (interpolated {interpolated:.0f})"
-    if paired and paired["net"] == run["net"]:
+    if paired and (paired["net"], paired["code"]) == (run["net"], run["code"]):
         seconds = next(p["cpu_seconds"] for p in run["curve"] if p["step"] == grid)
         out += (f", after {seconds / paired['curve'][-1]['cpu_seconds']:.2f} of uniform's seed "
                 f"{run['seed']} training seconds (same machine)")
@@ -132,6 +134,7 @@ def main(argv=None):
                 if run["variant"] in variants:
                     runs[run["variant"], run["seed"]] = {
                         **run, "net": results["eval"]["feature_net"],
+                        "code": results["provenance"]["code"],
                         "pix": pixel_scores(run, scores)}
         uniform = [runs[k]["curve"][-1]["nll"] for k in sorted(runs) if k[0] == "uniform"]
         target = statistics.mean(uniform) if uniform else None

@@ -461,6 +461,21 @@ def test_the_two_machine_table_pairs_seeds_and_averages_pixel_scores_per_run():
     assert rows[3] == "| fixed-u | 3.900 | 3.900 (1) | -0.100 (1) | 1k | 0.100 (1) | 2.500 (1) |"
 
 
+def test_the_two_machine_table_compares_seconds_only_within_one_machine_and_code():
+    from experiments import table
+
+    def run(net, code, seconds):
+        return {"seed": 0, "net": net, "code": code,
+                "curve": [{"step": 1000 * (i + 1), "nll": 5.0 - i, "cpu_seconds": s}
+                          for i, s in enumerate(seconds)]}
+    uniform = run("n", "c", [10.0, 20.0])
+    assert table.against_uniform(run("n", "c", [5.0, 10.0]), uniform, 4.5).endswith(
+        "at step 2000 (interpolated 1500), after 0.50 of uniform's seed 0 training seconds "
+        "(same machine)")
+    for other in (run("m", "c", [5.0, 10.0]), run("n", "d", [5.0, 10.0])):
+        assert table.against_uniform(other, uniform, 4.5).endswith("(interpolated 1500)")
+
+
 # The released entropy term against a separate bonus
 
 
